@@ -1,0 +1,83 @@
+"""T5.1.1 model configuration and the paper's presets.
+
+`T5Config` is a frozen pydantic model: it travels in checkpoints (as JSON), in `stages.yaml`
+and through fusion, so every field is validated where it enters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+T5_VOCAB_SIZE = 32128  # 32000 SentencePiece pieces + 100 sentinels, padded to a multiple of 128
+
+
+class T5Config(BaseModel):
+    """Dimensions of a T5.1.1 encoder-decoder (encoder and decoder have the same depth).
+
+    `norm_groups` lists the sizes of the groups RMSNorm normalises separately; a standard
+    model has one group `[d_model]`, a model made by fusion-prop has one group per input.
+    `dtype` is the compute dtype; parameters are always stored in float32.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    d_model: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    d_ff: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    vocab_size: int = Field(default=T5_VOCAB_SIZE, gt=0)
+    norm_groups: tuple[int, ...] = ()
+    relpos_buckets: int = Field(default=32, gt=1)
+    relpos_max_distance: int = Field(default=128, gt=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_norm_groups(cls, data):
+        if isinstance(data, dict) and not data.get("norm_groups"):
+            data = {**data, "norm_groups": (data.get("d_model"),)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_norm_groups(self):
+        if any(g <= 0 for g in self.norm_groups) or sum(self.norm_groups) != self.d_model:
+            raise ValueError(
+                f"norm_groups {list(self.norm_groups)} must be positive and sum to "
+                f"d_model={self.d_model}"
+            )
+        return self
+
+    def describe(self) -> str:
+        """One line: the dimensions a person compares between models."""
+        groups = "" if len(self.norm_groups) == 1 else f" norm_groups={list(self.norm_groups)}"
+        return (
+            f"d_model={self.d_model} heads={self.num_heads}x{self.head_dim} d_ff={self.d_ff} "
+            f"layers={self.num_layers} vocab={self.vocab_size}{groups}"
+        )
+
+
+def _preset(d_model: int, num_heads: int, head_dim: int, d_ff: int, num_layers: int,
+            vocab_size: int = T5_VOCAB_SIZE) -> T5Config:
+    return T5Config(d_model=d_model, num_heads=num_heads, head_dim=head_dim, d_ff=d_ff,
+                    num_layers=num_layers, vocab_size=vocab_size)
+
+
+# The paper's Tables 6 and 7, plus two CPU families whose S+S fuse to M and M+M to L, like
+# the paper's. `tiny-*` runs in seconds (tests); `cpu-*` is the largest that trains usefully
+# on a 2-core CPU in minutes (benchmarks, reproduction).
+PRESETS: dict[str, T5Config] = {
+    "table6-small": _preset(512, 6, 64, 1024, 8),
+    "table6-medium": _preset(1024, 12, 64, 2048, 8),
+    "table7-S": _preset(512, 6, 128, 1024, 8),
+    "table7-M": _preset(1024, 12, 128, 2048, 8),
+    "table7-L": _preset(2048, 24, 128, 4096, 8),
+    "tiny-S": _preset(32, 2, 16, 64, 2),
+    "tiny-M": _preset(64, 4, 16, 128, 2),
+    "tiny-L": _preset(128, 8, 16, 256, 2),
+    "cpu-S": _preset(128, 2, 64, 256, 4),
+    "cpu-M": _preset(256, 4, 64, 512, 4),
+    "cpu-L": _preset(512, 8, 64, 1024, 4),
+}
