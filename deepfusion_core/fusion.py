@@ -1,0 +1,146 @@
+"""Deep fusion (arXiv 2306.11903, section 3): grow a model from n >= 2 models.
+
+The fused model carries the concatenation of its inputs' hidden states. Every parameter is
+fused by one rule read off its logical axes (see `model.param_axes`): along each *fused* axis
+(`embed`, `heads`, `mlp`) the inputs occupy consecutive blocks; the other axes (`vocab`, `kv`,
+`relpos_buckets`) are shared. A tensor with two fused axes (attention and MLP kernels)
+becomes block-diagonal; the off-diagonal ("cross") blocks are zero or N(0, cross_std^2).
+A tensor with one fused axis is a concatenation (embeddings, norm scales, position bias
+tables along heads). The logits head stacks its input rows scaled by the averaging weights,
+so the fused logits are the weighted mean of the inputs' logits.
+
+With zero cross blocks and `norm="prop"` (grouped RMSNorm, one group per input group) the
+fused model computes exactly the weighted average ensemble of its inputs. `norm="rule"`
+keeps one RMSNorm over the whole width (the standard architecture): exact for self fusion,
+approximate otherwise.
+
+Fusion runs in host memory (numpy), one parameter at a time, and writes each output block
+once: peak memory is the inputs plus the output.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from flax import traverse_util
+
+from deepfusion_core.config import T5Config
+from deepfusion_core.model import Params, param_axes
+
+FUSED_AXES = frozenset({"embed", "heads", "mlp"})
+LOGITS_KERNEL = ("decoder", "logits_dense", "kernel")
+# Fields every input must share: they are not widened by fusion.
+_SHARED_FIELDS = ("num_layers", "head_dim", "vocab_size", "relpos_buckets", "relpos_max_distance")
+
+Norm = Literal["prop", "rule"]
+
+
+class FusionError(ValueError):
+    """The inputs cannot be fused (their message names the input and the field)."""
+
+
+def check_fusable(configs: Sequence[T5Config]) -> None:
+    """Raise `FusionError` unless the configs can be fused (n >= 2, shared fields equal)."""
+    if len(configs) < 2:
+        raise FusionError(f"fusion needs at least 2 models, got {len(configs)}")
+    first = configs[0]
+    for i, cfg in enumerate(configs[1:], start=2):
+        for field in _SHARED_FIELDS:
+            a, b = getattr(first, field), getattr(cfg, field)
+            if a != b:
+                raise FusionError(
+                    f"cannot fuse: model 1 has {field}={a} but model {i} has {field}={b} "
+                    f"({', '.join(_SHARED_FIELDS)} must match)")
+
+
+def fused_config(configs: Sequence[T5Config], norm: Norm) -> T5Config:
+    """The config of the model that fusing `configs` produces."""
+    check_fusable(configs)
+    d_model = sum(c.d_model for c in configs)
+    groups = tuple(g for c in configs for g in c.norm_groups) if norm == "prop" else (d_model,)
+    return configs[0].model_copy(update=dict(
+        d_model=d_model,
+        num_heads=sum(c.num_heads for c in configs),
+        d_ff=sum(c.d_ff for c in configs),
+        norm_groups=groups,
+    ))
+
+
+def _is_self_fusion(models: Sequence[tuple[T5Config, Params]]) -> bool:
+    cfg0, params0 = models[0]
+    flat0 = traverse_util.flatten_dict(params0)
+    for cfg, params in models[1:]:
+        if cfg != cfg0:
+            return False
+        if params is params0:
+            continue
+        flat = traverse_util.flatten_dict(params)
+        if any(not np.array_equal(np.asarray(flat[k]), np.asarray(v)) for k, v in flat0.items()):
+            return False
+    return True
+
+
+def _leaf_rng(seed: int, key: tuple[str, ...]) -> np.random.Generator:
+    # Seeded per parameter name, so the noise does not depend on traversal order.
+    return np.random.default_rng([seed, zlib.crc32("/".join(key).encode())])
+
+
+def _fuse_leaf(key, leaves, axes, out_shape, cross_std, seed, weights) -> np.ndarray:
+    fused_dims = [d for d, name in enumerate(axes) if name in FUSED_AXES]
+    if cross_std > 0 and len(fused_dims) >= 2:
+        out = _leaf_rng(seed, key).standard_normal(out_shape, dtype=np.float32)
+        out *= np.float32(cross_std)  # diagonal blocks are overwritten below
+    else:
+        out = np.zeros(out_shape, np.float32)
+    offsets = dict.fromkeys(fused_dims, 0)
+    for i, leaf in enumerate(leaves):
+        index = [slice(None)] * len(out_shape)
+        for d in fused_dims:
+            index[d] = slice(offsets[d], offsets[d] + leaf.shape[d])
+            offsets[d] += leaf.shape[d]
+        block = out[tuple(index)]
+        if key == LOGITS_KERNEL:
+            np.multiply(leaf, np.float32(weights[i]), out=block)
+        else:
+            block[...] = leaf
+    return out
+
+
+def fuse(models: Sequence[tuple[T5Config, Params]], norm: Norm | None = None,
+         cross_std: float = 0.0, seed: int = 0,
+         weights: Sequence[float] | None = None) -> tuple[T5Config, Params]:
+    """Fuse n >= 2 `(config, params)` pairs into one wider model.
+
+    norm: "prop" (grouped RMSNorm, exact weighted ensemble) or "rule" (one RMSNorm, standard
+      architecture). None picks "rule" for self fusion (identical inputs, where both are
+      exact) and "prop" otherwise.
+    cross_std: std of the off-diagonal blocks (0 gives zeros), drawn from `seed`.
+    weights: averaging weights of the inputs' logits (default 1/n each).
+    Returns the fused config and its params as float32 numpy arrays.
+    """
+    configs = [cfg for cfg, _ in models]
+    check_fusable(configs)
+    if norm is None:
+        norm = "rule" if _is_self_fusion(models) else "prop"
+    if norm not in ("prop", "rule"):
+        raise FusionError(f"norm must be 'prop' or 'rule', got {norm!r}")
+    if cross_std < 0:
+        raise FusionError(f"cross_std must be >= 0, got {cross_std}")
+    weights = [1.0 / len(models)] * len(models) if weights is None else list(weights)
+    if len(weights) != len(models):
+        raise FusionError(f"got {len(weights)} weights for {len(models)} models")
+
+    out_cfg = fused_config(configs, norm)
+    axes = traverse_util.flatten_dict(param_axes(out_cfg))
+    inputs = [traverse_util.flatten_dict(params) for _, params in models]
+    fused = {}
+    for key, leaf_axes in axes.items():
+        leaves = [np.asarray(flat[key], dtype=np.float32) for flat in inputs]
+        out_shape = tuple(
+            sum(leaf.shape[d] for leaf in leaves) if name in FUSED_AXES else leaves[0].shape[d]
+            for d, name in enumerate(leaf_axes))
+        fused[key] = _fuse_leaf(key, leaves, leaf_axes, out_shape, cross_std, seed, weights)
+    return out_cfg, traverse_util.unflatten_dict(fused)
