@@ -1,0 +1,48 @@
+"""Training metrics: one JSON line per record in `metrics.jsonl`, mirrored to TensorBoard.
+
+Records carry a `kind`: "train" (per step), "eval" (per evaluation) and "summary" (the
+node's cumulative totals, written at the end). After a resume from step k the records past k
+(work that was lost with the crash) are dropped, so the file always describes one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clu import metric_writers
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a `metrics.jsonl` (an empty list if there is none yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends records to `WORKDIR/metrics.jsonl` and scalars to `WORKDIR/tensorboard/`."""
+
+    def __init__(self, workdir: Path, resumed_step: int):
+        self.path = workdir / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.path)
+                if r.get("step", 0) <= resumed_step and r.get("kind") != "summary"]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)  # atomic: a crash here leaves the old or the new file
+        self._file = self.path.open("a")
+        self._tb = metric_writers.create_default_writer(
+            str(workdir / "tensorboard"), just_logging=False, asynchronous=True)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+                   if k not in ("kind", "step") and isinstance(v, (int, float))}
+        if "step" in record:
+            self._tb.write_scalars(record["step"], scalars)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()

@@ -1,0 +1,80 @@
+"""Device mesh and logical-axis sharding rules (MaxText/t5x style).
+
+The mesh has two axes, `data` and `model`. Parameters carry logical axis names (see
+`model.param_axes`); these rules map them onto the mesh: the batch is split over `data`,
+heads, MLP features and the vocabulary over `model`, everything else is replicated.
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deepfusion_core.config import T5Config
+from deepfusion_core.model import param_axes
+
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("heads", "model"),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("embed", None),
+    ("kv", None),
+    ("relpos_buckets", None),
+)
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices, the batch or the model."""
+
+
+def parse_mesh(spec: str | None) -> tuple[int, int]:
+    """`"data=4,model=2"` -> (4, 2); None -> all devices on `data`."""
+    if spec is None:
+        return jax.device_count(), 1
+    m = re.fullmatch(r"\s*data\s*=\s*(\d+)\s*,\s*model\s*=\s*(\d+)\s*", spec)
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        raise MeshError(f"--mesh must look like data=D,model=M with positive D and M, got {spec!r}")
+    return int(m[1]), int(m[2])
+
+
+def check_mesh(shape: tuple[int, int], cfg: T5Config, batch_size: int,
+               devices: int | None = None) -> None:
+    """Raise `MeshError` naming the first dimension the mesh does not divide."""
+    data, model = shape
+    devices = jax.device_count() if devices is None else devices
+    if data * model != devices:
+        raise MeshError(f"mesh data={data},model={model} needs {data * model} devices, "
+                        f"but {devices} are available")
+    if batch_size % data:
+        raise MeshError(f"batch size {batch_size} is not divisible by mesh data={data}")
+    for name, size in [("num_heads", cfg.num_heads), ("d_ff", cfg.d_ff),
+                       ("vocab_size", cfg.vocab_size)]:
+        if size % model:
+            raise MeshError(f"model {name}={size} is not divisible by mesh model={model}")
+
+
+def make_mesh(shape: tuple[int, int]) -> Mesh:
+    """A (data, model) mesh over all devices, in the order jax lists them."""
+    return Mesh(np.array(jax.devices()).reshape(shape), ("data", "model"))
+
+
+def param_shardings(cfg: T5Config, mesh: Mesh):
+    """NamedShardings for every parameter, from its logical axes and `LOGICAL_RULES`."""
+    specs = jax.tree.map(lambda axes: nn.logical_to_mesh_axes(axes, LOGICAL_RULES),
+                         param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are [batch, length] arrays split over `data`."""
+    return NamedSharding(mesh, PartitionSpec("data", None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,194 @@
+"""The training loop on the real C4 sample: learning, resume, crashes, sharding, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deepfusion_cli.main import app
+from deepfusion_core import PRESETS, load_model
+from deepfusion_core.data import DataConfig
+from deepfusion_core.metrics import read_metrics
+from deepfusion_core.train import TrainConfig, train
+
+DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def c4_args(shared_data, *extra):
+    return ["--data", f"c4:{shared_data / 'c4' / 'en'}", "--vocab", "byte",
+            "--model", "tiny-S", "--batch", "4", "--seq-len", "64,16", "--warmup", "10",
+            "--no-progress", *map(str, extra)]
+
+
+def train_records(workdir, kind="train"):
+    return [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["kind"] == kind]
+
+
+def wait_for_step(workdir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        records = train_records(workdir) if (Path(workdir) / "metrics.jsonl").exists() else []
+        if records and records[-1]["step"] >= step:
+            return records[-1]["step"]
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"{workdir} never reached step {step}")
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.slow
+def test_validation_loss_falls_on_c4(shared_data, tmp_path):
+    cfg = PRESETS["tiny-S"]  # the T5 vocabulary: 32128 ids
+    dc = DataConfig(source=f"c4:{shared_data / 'c4' / 'en'}",
+                    vocab=f"t5:{shared_data / 't5' / 'sentencepiece.model'}",
+                    inputs_length=64, targets_length=16, batch_size=8)
+    tc = TrainConfig(steps=100, eval_every=50, warmup_steps=10, save_every=100)
+    summary = train(cfg, tc, dc, tmp_path / "w", progress=False)
+    evals = train_records(tmp_path / "w", "eval")
+    print("eval loss by step:", [(r["step"], round(r["eval_loss"], 3)) for r in evals],
+          "accuracy:", round(summary["eval_accuracy"], 3))
+    assert [r["step"] for r in evals] == [0, 50, 100]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 2.0  # from ~ln(32128)=10.4
+    assert summary["eval_accuracy"] > 0.05 and summary["flops"] > 0 and summary["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_is_bit_identical(shared_data, tmp_path):
+    args = ["train", "--steps", "40", "--save-every", "5", *c4_args(shared_data)]
+    straight = subprocess.run([DEEPFUSION, *args, "--workdir", tmp_path / "straight"],
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([DEEPFUSION, *args, "--workdir", crashed], stderr=subprocess.PIPE,
+                            text=True)
+    killed_at = wait_for_step(crashed, 23, proc)  # between checkpoints 20 and 25
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run([DEEPFUSION, *args, "--workdir", crashed], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert 0 < summary["first_step"] <= killed_at
+    assert "resuming" in resumed.stderr
+    _, want = load_model(tmp_path / "straight")
+    _, got = load_model(crashed)
+    assert leaves_equal(got, want)
+    # The metrics describe one uninterrupted run: the steps lost with the crash were dropped.
+    assert [r["step"] for r in train_records(crashed)] == list(range(1, 41))
+    assert [r["loss"] for r in train_records(crashed)] == [r["loss"] for r in train_records(tmp_path / "straight")]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_the_current_step(shared_data, tmp_path):
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen([DEEPFUSION, "train", "--steps", "400", "--save-every", "1000",
+                             "--workdir", workdir, *c4_args(shared_data)],
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(workdir, 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    last = train_records(workdir)[-1]["step"]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [last] and last >= 7
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_step(shared_data, tmp_path):
+    dc = DataConfig(source=f"c4:{shared_data / 'c4' / 'en'}", vocab="byte",
+                    inputs_length=64, targets_length=16, batch_size=4)
+    cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384})
+    train(cfg, TrainConfig(steps=10, save_every=5, keep_last=3), dc, tmp_path, progress=False)
+    data_files = [p for p in (tmp_path / "checkpoints" / "10" / "params").rglob("*")
+                  if p.is_file() and p.parent.name == "d"]
+    biggest = max(data_files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    warnings = []
+    summary = train(cfg, TrainConfig(steps=12, save_every=5, keep_last=3), dc, tmp_path,
+                    progress=False, log=warnings.append)
+    assert summary["first_step"] == 5
+    assert any("step 10" in w and "falling back to step 5" in w for w in warnings), warnings
+
+
+SHARDED_SCRIPT = """
+import json, sys
+from deepfusion_core import PRESETS
+from deepfusion_core.data import DataConfig
+from deepfusion_core.train import TrainConfig, train
+dc = DataConfig(source=sys.argv[1], vocab="byte", inputs_length=64, targets_length=16, batch_size=8)
+cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384})
+train(cfg, TrainConfig(steps=5, mesh=sys.argv[3], save_every=5), dc, sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_losses_as_one(shared_data, tmp_path):
+    source = f"c4:{shared_data / 'c4' / 'en'}"
+    losses = {}
+    for devices, mesh in [(1, "data=1,model=1"), (8, "data=4,model=2")]:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        workdir = tmp_path / f"d{devices}"
+        proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, source, workdir, mesh],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[devices] = np.array([r["loss"] for r in train_records(workdir)])
+    print("1 device:", losses[1], "8 devices:", losses[8])
+    assert len(losses[1]) == 5
+    np.testing.assert_allclose(losses[8], losses[1], atol=1e-5, rtol=0)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty", "no documents"),
+    ("vocab", "vocab_size"),
+    ("mesh", "needs 3 devices"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(shared_data, tmp_path, case, message):
+    c4 = shared_data / "c4" / "en"
+    args = {"missing": ["--data", f"c4:{tmp_path / 'nowhere'}"],
+            "empty": ["--data", f"c4:{tmp_path / 'empty'}"],
+            "vocab": ["--data", f"c4:{c4}", "--vocab", f"t5:{shared_data / 't5' / 'sentencepiece.model'}",
+                      "--model", tmp_path / "small-vocab"],
+            "mesh": ["--mesh", "data=3,model=1"]}[case]
+    if case == "empty":
+        import gzip
+        (tmp_path / "empty").mkdir()
+        for name in ("c4-train.00000-of-00001.json.gz", "c4-validation.00000-of-00001.json.gz"):
+            with gzip.open(tmp_path / "empty" / name, "wt"):
+                pass
+    if case == "vocab":
+        from deepfusion_core import init_params, save_model
+        small = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384})
+        save_model(tmp_path / "small-vocab", small, jax.tree.map(np.asarray, init_params(small)))
+    result = invoke("train", "--steps", "5", "--workdir", tmp_path / "work",
+                    *(["--model", "tiny-S"] if "--model" not in args else []), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.strip().count("\n") == 0
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("shape, batch, message", [
+    ((2, 4), 8, "num_heads=2 is not divisible by mesh model=4"),
+    ((8, 1), 4, "batch size 4 is not divisible by mesh data=8"),
+    ((4, 4), 8, "needs 16 devices, but 8 are available"),
+])
+def test_mesh_must_divide_devices_batch_and_model(shape, batch, message):
+    from deepfusion_core.sharding import MeshError, check_mesh
+    with pytest.raises(MeshError, match=message):
+        check_mesh(shape, PRESETS["tiny-S"], batch, devices=8)
