@@ -141,6 +141,197 @@ def export_hf(ckpt: Path, out_dir: Path):
     typer.echo(f"exported {ckpt} to {path}")
 
 
+def _parse_seq_len(text: str) -> tuple[int, int]:
+    try:
+        inputs, targets = (int(x) for x in text.split(","))
+    except ValueError:
+        fail(f"--seq-len must be IN,OUT (two integers), got {text!r}")
+    return inputs, targets
+
+
+@app.command()
+@user_errors
+def train(
+    workdir: Annotated[Path, typer.Option(help="Checkpoints, metrics.jsonl and TensorBoard "
+                                               "events go here; resumes if it holds checkpoints.")],
+    steps: Annotated[int, typer.Option(help="Train until this step.")],
+    model: Annotated[Optional[str], typer.Option(
+        help="Preset or checkpoint whose config to train (a preset takes --vocab's size). "
+             "Default: the --init checkpoint's config.")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        help="Start from this model checkpoint's params (e.g. a fusion output); fresh "
+             "optimizer and schedule.")] = None,
+    data: Annotated[str, typer.Option(help="builtin | c4:PATH | tfds:DATA_DIR")] = "builtin",
+    vocab: Annotated[str, typer.Option(help="byte | t5:PATH (SentencePiece model)")] = "byte",
+    batch: Annotated[int, typer.Option(help="Global batch size (packed sequences).")] = 8,
+    seq_len: Annotated[str, typer.Option(help="Encoder and decoder lengths IN,OUT.")] = "128,32",
+    mesh: Annotated[Optional[str], typer.Option(help="data=D,model=M (default: all devices "
+                                                     "on data)")] = None,
+    optimizer: Annotated[str, typer.Option(help="adafactor (T5's rsqrt) | adamw (cosine)")] = "adafactor",
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.01,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every K steps (0: at the end).")] = 0,
+    eval_batches: Annotated[int, typer.Option(help="Validation batches per evaluation.")] = 4,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every K steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the parameter init, data order and "
+                                           "span corruption.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Train a model (or resume its workdir) on span-corrupted text."""
+    from pydantic import ValidationError
+
+    from deepfusion_core.checkpoint import read_config
+    from deepfusion_core.data import DataConfig, get_vocabulary, vocab_size_for_model
+    from deepfusion_core.train import Preempted, TrainConfig
+    from deepfusion_core.train import train as run
+
+    if model is None and init is None:
+        fail("give --model (a preset or checkpoint) or --init (a checkpoint)")
+    inputs_length, targets_length = _parse_seq_len(seq_len)
+    try:
+        dc = DataConfig(source=data, vocab=vocab, inputs_length=inputs_length,
+                        targets_length=targets_length, batch_size=batch, seed=seed)
+        tc = TrainConfig(steps=steps, seed=seed, optimizer=optimizer, learning_rate=lr, warmup_steps=warmup,
+                         eval_every=eval_every, eval_batches=eval_batches, save_every=save_every,
+                         mesh=mesh)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "options"
+        fail(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    from deepfusion_core import PRESETS
+    if model in PRESETS:
+        cfg = PRESETS[model].model_copy(
+            update={"vocab_size": vocab_size_for_model(get_vocabulary(vocab))})
+    else:
+        cfg = _resolve_config(model) if model is not None else read_config(init)
+    try:
+        summary = run(cfg, tc, dc, workdir, init=init, progress=progress,
+                      log=lambda m: typer.echo(m, err=True))
+    except Preempted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(128 + e.signum)
+    typer.echo(json.dumps(summary))
+
+
+STAGES_DEFAULT = Path("stages.yaml")
+
+
+def _plan(stages: Path, profile: Optional[str], runs_dir: Path):
+    """Build the plan or exit 2 with one line per problem (nothing is written)."""
+    from pipeline.plan import build_plan
+    from pipeline.spec import StagesError
+
+    try:
+        return build_plan(stages, profile, runs_dir)
+    except StagesError as e:
+        for problem in e.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(USAGE_ERROR)
+
+
+StagesArg = Annotated[Path, typer.Argument(help="The stages file.")]
+ProfileOpt = Annotated[Optional[str], typer.Option(help="Profile (default: the file's "
+                                                        "default_profile).")]
+RunsOpt = Annotated[Path, typer.Option(help="Runs directory (the node store).")]
+
+
+@app.command("plan")
+def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
+             runs_dir: RunsOpt = Path("runs"),
+             as_json: Annotated[bool, typer.Option("--json", help="One record per node.")] = False):
+    """Validate a stages file and show every node: state, model, parents, compute."""
+    from pipeline.plan import plan_records
+
+    plan = _plan(stages, profile, runs_dir)
+    records = plan_records(plan)
+    if as_json:
+        typer.echo(json.dumps(records, indent=1))
+        return
+    typer.echo(f"{plan.stages.name} at profile {plan.profile} -> {plan.root}")
+    for r in records:
+        state = r["state"] + (f" @ step {r['checkpoint_step']}" if r["checkpoint_step"] else "")
+        what = f"train {r['steps']} steps" if r["kind"] == "train" else "fuse"
+        parents = f" <- {', '.join(r['parents'])}" if r["parents"] else ""
+        typer.echo(f"  {r['name']:<6} {state:<16} {what:<18} {r['flops']:>9.3g} FLOPs  "
+                   f"{r['model']}{parents}  [{r['fingerprint']}]")
+    kinds = [r["kind"] for r in records]
+    todo = sum(r["state"] != "done" for r in records)
+    typer.echo(f"{kinds.count('train')} train nodes, {kinds.count('fuse')} fuse nodes; "
+               f"{todo} not done; total {sum(r['flops'] for r in records):.3g} FLOPs")
+
+
+@app.command("run")
+def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
+            runs_dir: RunsOpt = Path("runs"),
+            node: Annotated[Optional[list[str]], typer.Option(
+                help="Run only these nodes (and the ancestors they need).")] = None,
+            progress: Annotated[bool, typer.Option(help="Progress bars.")] = True):
+    """Run the DAG locally (no Prefect): every node not done, then the report."""
+    from deepfusion_core.train import Preempted
+    from pipeline.execute import run_plan
+    from pipeline.report import write_report
+    from pipeline.store import LockedError
+
+    plan = _plan(stages, profile, runs_dir)
+    unknown = [n for n in node or [] if n not in plan.nodes]
+    if unknown:
+        fail(f"--node: {', '.join(unknown)} not in {stages}")
+    try:
+        outcome = run_plan(plan, node, log=lambda m: typer.echo(m, err=True), progress=progress)
+    except LockedError as e:
+        fail(str(e))
+    except Preempted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(128 + e.signum)
+    report = write_report(plan)
+    typer.echo(f"report: {report['markdown']}")
+    failed = [n for n, o in outcome.items() if not o.startswith(("done", "ran"))]
+    if failed:
+        typer.echo(f"not done: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
+               runs_dir: RunsOpt = Path("runs")):
+    """Live progress: each node's state and latest step, read from the node store."""
+    from deepfusion_core.metrics import read_metrics
+    from pipeline.plan import plan_records
+
+    plan = _plan(stages, profile, runs_dir)
+    for r in plan_records(plan):
+        line = f"{r['name']:<6} {r['state']:<10}"
+        if r["kind"] == "train" and r["state"] != "to run":
+            train = [m for m in read_metrics(Path(r["dir"]) / "metrics.jsonl")
+                     if m["kind"] == "train"]
+            if train:
+                last = train[-1]
+                line += (f" step {last['step']}/{r['steps']} loss {last['loss']:.3f} "
+                         f"{last['tokens_per_s']:,.0f} tok/s")
+        typer.echo(line)
+
+
+@app.command("report")
+def report_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
+               runs_dir: RunsOpt = Path("runs")):
+    """Write Table 2 (Markdown, CSV) and the accuracy-vs-compute plot from the node store."""
+    from pipeline.report import write_report
+
+    report = write_report(_plan(stages, profile, runs_dir))
+    typer.echo(Path(report["markdown"]).read_text())
+    typer.echo(f"written: {report['markdown']} {report['csv']} {report['plot']}")
+
+
+@app.command("schema")
+def schema_cmd(out: Annotated[Path, typer.Option(help="Where to write it.")] =
+               Path("stages.schema.json")):
+    """Write the JSON Schema of stages files (for editors)."""
+    from pipeline.spec import json_schema
+
+    out.write_text(json.dumps(json_schema(), indent=1) + "\n")
+    typer.echo(f"wrote {out}")
+
+
 def _emit(record: dict, line: str) -> None:
     typer.echo(line)
     typer.echo(json.dumps(record))
@@ -155,6 +346,24 @@ def bench_fuse(preset: str = "table7-M", cross_std: float = 0.0):
     _emit(r, f"fuse {r['inputs']} -> {r['output_gb']} GB: wall {r['wall_s']}s = "
              f"{r['wall_over_copy']}x copy ({r['copy_s']}s); peak RSS {r['peak_rss_gb']} GB = "
              f"{r['peak_over_in_plus_out']}x (inputs + output)")
+
+
+@bench_app.command("step")
+def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", steps: int = 10,
+               dtype: str = "float32",
+               torch: Annotated[bool, typer.Option(help="Also time transformers' PyTorch T5.")] = True):
+    """Train-step tokens/s and FLOP/s against this process's GEMM peak and PyTorch T5."""
+    from deepfusion_core.benchmarks import bench_step as run
+
+    inputs_length, targets_length = _parse_seq_len(seq_len)
+    r = run(preset, batch, inputs_length, targets_length, steps, dtype, torch_baseline=torch)
+    line = (f"step {preset} {dtype} batch {batch}x{seq_len} on {r['devices']} {r['device']}: "
+            f"{r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,} tok/s, "
+            f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['fraction_of_gemm_peak']:.0%} of GEMM peak "
+            f"({r['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+    if torch:
+        line += f"; PyTorch {r['torch_step_s'] * 1e3:.1f} ms ({r['speedup_vs_torch']}x slower)"
+    _emit(r, line)
 
 
 def main() -> None:  # pragma: no cover - console entry point

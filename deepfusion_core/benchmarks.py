@@ -11,12 +11,14 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import psutil
 
-from deepfusion_core.config import PRESETS
+from deepfusion_core.config import PRESETS, T5Config
+from deepfusion_core.flops import train_step_flops
 from deepfusion_core.fusion import fuse
-from deepfusion_core.model import param_shapes
+from deepfusion_core.model import count_params, init_params, param_shapes
 
 
 def machine() -> str:
@@ -68,3 +70,96 @@ def bench_fuse(preset: str = "table7-M", cross_std: float = 0.0) -> dict:
         "machine": machine(),
     }
 
+
+
+def gemm_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
+    """Best FLOP/s of an n x n x n matmul through XLA on the default device."""
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _synthetic_batch(cfg: T5Config, batch: int, inputs_length: int, targets_length: int):
+    # Throughput does not depend on token values; a full (unpadded) batch, as packing gives.
+    rng = np.random.default_rng(0)
+    targets = rng.integers(2, cfg.vocab_size, (batch, targets_length)).astype(np.int32)
+    return {"encoder_input_tokens": rng.integers(2, cfg.vocab_size, (batch, inputs_length)).astype(np.int32),
+            "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], 1),
+            "decoder_target_tokens": targets,
+            "decoder_loss_weights": np.ones((batch, targets_length), np.float32)}
+
+
+def _time_steps(run_step, steps: int) -> float:
+    run_step()  # compile / warm up
+    start = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
+               targets_length: int = 32, steps: int = 10, dtype: str = "float32",
+               torch_baseline: bool = True) -> dict:
+    """Train-step throughput (Adafactor) against the GEMM peak and against PyTorch T5."""
+    from deepfusion_core import sharding
+    from deepfusion_core.train import TrainConfig, build_state_shardings, build_steps, make_optimizer
+
+    cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
+    tc = TrainConfig(steps=steps)
+    mesh = sharding.make_mesh((jax.device_count(), 1))
+    optimizer = make_optimizer(tc)
+    state_sh, _ = build_state_shardings(cfg, optimizer, mesh)
+    train_step, _ = build_steps(cfg, tc, optimizer, state_sh, mesh)
+    params = jax.jit(lambda: init_params(cfg, 0), out_shardings=state_sh["params"])()
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
+    batch_np = _synthetic_batch(cfg, batch, inputs_length, targets_length)
+    device_batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
+
+    def run():
+        nonlocal state
+        state, out = train_step(state, device_batch)
+        out["loss"].block_until_ready()
+
+    step_s = _time_steps(run, steps)
+    flops = train_step_flops(cfg, batch, inputs_length, targets_length)
+    tokens = batch * (inputs_length + targets_length)
+    peak = gemm_peak_flops(dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    record = {"bench": "step", "model": preset, "dtype": dtype, "device": jax.devices()[0].device_kind,
+              "devices": jax.device_count(), "batch": batch,
+              "seq_len": [inputs_length, targets_length], "params": count_params(cfg),
+              "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
+              "flops_per_s": flops / step_s, "gemm_peak_flops_per_s": peak,
+              "fraction_of_gemm_peak": round(flops / step_s / peak, 3), "machine": machine()}
+    if torch_baseline:
+        torch_s = _torch_step_seconds(cfg, batch_np, steps)
+        record.update(torch_step_s=round(torch_s, 4), torch_tokens_per_s=round(tokens / torch_s),
+                      speedup_vs_torch=round(torch_s / step_s, 2))
+    return record
+
+
+def _torch_step_seconds(cfg: T5Config, batch_np: dict, steps: int) -> float:
+    """The same model, batch and optimizer (Adafactor) in transformers' PyTorch T5."""
+    import torch
+    import transformers
+
+    from deepfusion_core.hf import config_to_hf
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config_to_hf(cfg)).train()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    inputs = {"input_ids": torch.from_numpy(batch_np["encoder_input_tokens"]).long(),
+              "decoder_input_ids": torch.from_numpy(batch_np["decoder_input_tokens"]).long(),
+              "labels": torch.from_numpy(batch_np["decoder_target_tokens"]).long()}
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        optimizer.step()
+
+    return _time_steps(run, steps)
