@@ -1,0 +1,111 @@
+"""Running nodes: train or fuse through `deepfusion_core`, in the node store.
+
+`run_node` is what every scheduler calls (the local `deepfusion run` loop here, a Prefect
+task in `flows/`): it resumes a partial train node, never recomputes a node with DONE, and
+writes DONE last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from deepfusion_core import fuse, load_model, save_model
+from deepfusion_core.train import Preempted, train
+from pipeline import store
+from pipeline.plan import Plan, PlannedNode
+
+Log = Callable[[str], None]
+
+
+def _node_record(node: PlannedNode) -> dict:
+    record = {"name": node.name, "kind": node.kind, "fingerprint": node.fingerprint,
+              "parents": list(node.parents), "model": node.model.model_dump(mode="json"),
+              "spec": node.spec.model_dump(mode="json")}
+    if node.kind == "train":
+        record.update(train=node.train.model_dump(mode="json"),
+                      data=node.data.model_dump(mode="json"))
+    return record
+
+
+def model_path(node: PlannedNode):
+    """Where a node's model is: a fuse node's `model/`, a train node's latest step."""
+    return node.dir / "model" if node.kind == "fuse" else node.dir
+
+
+def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) -> dict:
+    """Run one node whose parents are done; returns its DONE summary."""
+    node = plan.nodes[name]
+    if store.is_done(node.dir):
+        return store.done_record(node.dir)
+    missing = [p for p in node.parents if not store.is_done(plan.nodes[p].dir)]
+    if missing:
+        raise RuntimeError(f"node {name}: parents not done: {', '.join(missing)}")
+    node.dir.mkdir(parents=True, exist_ok=True)
+    store.write_json_atomic(node.dir / "node.json", _node_record(node))
+    start = time.perf_counter()
+    if node.kind == "fuse":
+        summary = _run_fuse(plan, node, log)
+    else:
+        init = model_path(plan.nodes[node.spec.init]) if node.spec.init else None
+        summary = train(node.model, node.train, node.data, node.dir, init=init,
+                        progress=progress, log=log)
+    summary = {**summary, "node": name, "kind": node.kind, "fingerprint": node.fingerprint,
+               "run_wall_s": time.perf_counter() - start}
+    store.mark_done(node.dir, summary)
+    return summary
+
+
+def _run_fuse(plan: Plan, node: PlannedNode, log: Log) -> dict:
+    spec = node.spec
+    out = node.dir / "model"
+    if out.exists():  # a crash after saving but before DONE: the save itself is atomic
+        log(f"{node.name}: reusing fused model at {out}")
+    else:
+        loaded = {p: load_model(model_path(plan.nodes[p])) for p in node.parents}
+        start = time.perf_counter()
+        cfg, params = fuse([loaded[p] for p in spec.fuse], norm=spec.norm,
+                           cross_std=spec.cross_std, seed=spec.seed, weights=spec.weights)
+        save_model(out, cfg, params)
+        log(f"{node.name}: fused {' + '.join(spec.fuse)} -> {cfg.describe()} "
+            f"in {time.perf_counter() - start:.1f}s")
+    return {"kind": "summary", "flops": 0, "tokens": 0, "wall_s": 0.0, "device_s": 0.0}
+
+
+def runnable_order(plan: Plan, only: Iterable[str] | None = None) -> list[str]:
+    """Nodes to consider, topologically: all, or `only` plus the ancestors they need."""
+    if only is None:
+        return list(plan.nodes)
+    wanted = {a for n in only for a in plan.ancestry(n)}
+    return [n for n in plan.nodes if n in wanted]
+
+
+def run_plan(plan: Plan, only: Iterable[str] | None = None, log: Log = print,
+             progress: bool = False) -> dict[str, str]:
+    """Run every node that is not done, in order; a failure blocks only its descendants.
+
+    Returns each node's outcome: "done" (already), "ran", "failed: ..." or "blocked".
+    """
+    outcome: dict[str, str] = {}
+    with store.run_lock(plan.root):
+        for name in runnable_order(plan, only):
+            node = plan.nodes[name]
+            if store.is_done(node.dir):
+                outcome[name] = "done"
+                continue
+            if any(not outcome.get(p, "").startswith(("done", "ran")) for p in node.parents):
+                outcome[name] = "blocked"
+                log(f"{name}: blocked by a failed parent")
+                continue
+            log(f"{name}: running ({node.kind}, {node.model.describe()})")
+            try:
+                run_node(plan, name, log=log, progress=progress)
+                outcome[name] = "ran"
+            except Preempted:
+                raise  # a stop request ends the run; the node saved a checkpoint
+            except Exception as e:  # noqa: BLE001 - recorded and reported, others go on
+                message = f"{type(e).__name__}: {e}"
+                store.mark_failed(node.dir, message)
+                outcome[name] = f"failed: {message}"
+                log(f"{name}: FAILED {message}")
+    return outcome

@@ -1,0 +1,286 @@
+"""From a stages file to a plan: resolved nodes in topological order, fingerprints, states.
+
+Every check that can fail on user input runs here, before anything is written, and all
+problems are reported together (one line each, naming the node and field).
+
+A node's fingerprint hashes its resolved config (model, training, data, fusion settings) and
+its parents' fingerprints, so editing a node changes exactly its and its descendants'
+fingerprints. How a node is executed (mesh, processes, checkpoint cadence) is left out:
+it does not change what the node computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from deepfusion_core import data
+from deepfusion_core.config import PRESETS, T5Config
+from deepfusion_core.flops import train_step_flops
+from deepfusion_core.fusion import FusionError, fused_config
+from deepfusion_core.train import TrainConfig
+from pipeline import store
+from pipeline.spec import FuseNode, Stages, StagesError, TrainNode, load_stages, resolve_model
+
+_DIM_FIELDS = ("d_model", "num_heads", "head_dim", "d_ff", "num_layers", "vocab_size")
+# TrainConfig fields that change how, not what, a node computes.
+_EXECUTION_FIELDS = {"save_every", "keep_last", "keep_every", "mesh", "eval_every", "eval_batches"}
+
+State = Literal["done", "resumable", "to run", "failed", "blocked"]
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    """One node, fully resolved for the chosen profile."""
+
+    name: str
+    kind: Literal["train", "fuse"]
+    parents: tuple[str, ...]
+    model: T5Config
+    fingerprint: str
+    dir: Path
+    spec: TrainNode | FuseNode
+    train: TrainConfig | None = None
+    data: data.DataConfig | None = None
+
+    @property
+    def flops(self) -> int:
+        """Compute this node costs (0 for fusion, which is a copy)."""
+        if self.kind == "fuse":
+            return 0
+        d = self.data
+        return self.train.steps * train_step_flops(self.model, d.batch_size, d.inputs_length,
+                                                   d.targets_length)
+
+
+@dataclass
+class Plan:
+    """A validated stages file resolved for one profile, bound to a runs directory."""
+
+    stages: Stages
+    stages_path: Path
+    profile: str
+    root: Path  # RUNS/<pipeline name>
+    nodes: dict[str, PlannedNode] = field(default_factory=dict)  # topological order
+
+    def state(self, name: str) -> tuple[State, int | None]:
+        """(state, latest checkpoint step) of a node, read from the node store."""
+        node = self.nodes[name]
+        if store.is_done(node.dir):
+            return "done", None
+        if any(self.state(p)[0] in ("failed", "blocked") for p in node.parents):
+            return "blocked", None
+        step = store.latest_checkpoint_step(node.dir) if node.kind == "train" else None
+        if store.failure(node.dir):
+            return "failed", step
+        return ("resumable", step) if step else ("to run", None)
+
+    def ancestry(self, name: str) -> list[str]:
+        """The node and all its ancestors, each once, in topological order."""
+        seen: set[str] = set()
+
+        def visit(n):
+            if n not in seen:
+                seen.add(n)
+                for p in self.nodes[n].parents:
+                    visit(p)
+        visit(name)
+        return [n for n in self.nodes if n in seen]
+
+    def descendants(self, name: str) -> list[str]:
+        return [n for n in self.nodes if n != name and name in self.ancestry(n)]
+
+
+def _parents(spec: TrainNode | FuseNode) -> list[str]:
+    if isinstance(spec, FuseNode):
+        return list(dict.fromkeys(spec.fuse))
+    return [spec.init] if spec.init else []
+
+
+def _check_references(stages: Stages) -> list[str]:
+    problems = []
+    sizes = {s.train for s in stages.nodes.values() if isinstance(s, TrainNode)}
+    for pname, profile in stages.profiles.items():
+        for size in sorted(sizes - profile.models.keys()):
+            problems.append(f"profiles.{pname}.models: no size {size!r} (used by train nodes)")
+        for size, spec in profile.models.items():
+            if isinstance(spec, str) and spec not in PRESETS:
+                problems.append(f"profiles.{pname}.models.{size}: unknown preset {spec!r} "
+                                f"(known: {', '.join(PRESETS)})")
+    for name, spec in stages.nodes.items():
+        if isinstance(spec, TrainNode) and spec.init is not None:
+            if spec.init not in stages.nodes:
+                problems.append(f"nodes.{name}.init: {spec.init!r} is not a node")
+            elif not isinstance(stages.nodes[spec.init], FuseNode):
+                problems.append(f"nodes.{name}.init: {spec.init!r} is a train node; init "
+                                f"must name a fuse node")
+        if isinstance(spec, FuseNode):
+            for i, ref in enumerate(spec.fuse):
+                if ref not in stages.nodes:
+                    problems.append(f"nodes.{name}.fuse[{i}]: {ref!r} is not a node")
+            if spec.weights is not None and len(spec.weights) != len(spec.fuse):
+                problems.append(f"nodes.{name}.weights: {len(spec.weights)} weights for "
+                                f"{len(spec.fuse)} inputs")
+    for label, setting in stages.settings.items():
+        if setting.node not in stages.nodes:
+            problems.append(f"settings.{label}.node: {setting.node!r} is not a node")
+    if stages.baseline is not None and stages.baseline not in stages.settings:
+        problems.append(f"baseline: {stages.baseline!r} is not a setting")
+    if stages.default_profile not in stages.profiles:
+        problems.append(f"default_profile: {stages.default_profile!r} is not a profile")
+    return problems
+
+
+def _topological_order(stages: Stages) -> tuple[list[str], list[str]]:
+    order, state, problems = [], {}, []
+
+    def visit(name, path):
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = path[path.index(name):] + [name]
+            problems.append(f"nodes.{name}: cycle {' -> '.join(cycle)}")
+            return
+        state[name] = "visiting"
+        for parent in _parents(stages.nodes[name]):
+            if parent in stages.nodes:
+                visit(parent, path + [name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in stages.nodes:
+        visit(name, [])
+    return order, problems
+
+
+def _resolve_path_spec(spec: str, base: Path) -> str:
+    """Local paths in `c4:`, `t5:` and `tfds:` are relative to the stages file (URLs stay)."""
+    kind, sep, arg = spec.partition(":")
+    if kind not in ("c4", "t5", "tfds") or not arg or "://" in arg:
+        return spec
+    return f"{kind}:{(base / Path(arg).expanduser()).resolve()}"
+
+
+def _data_problems(profile: str, settings: dict) -> tuple[list[str], int | None]:
+    """Problems with a profile's data (one line each) and the model vocab size it needs."""
+    where = f"profiles.{profile}.data"
+    try:
+        dc = data.DataConfig(**settings)
+        vocab_size = data.vocab_size_for_model(data.get_vocabulary(dc.vocab))
+        data.register_task(dc)  # checks that the source exists and holds documents
+    except pydantic.ValidationError as e:
+        return [f"{where}{''.join('.' + str(p) for p in err['loc'])}: "
+                f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()], None
+    except ValueError as e:
+        return [f"{where}: {e}"], None
+    return [], vocab_size
+
+
+def _fingerprint(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_plan(stages_path: str | Path, profile: str | None = None,
+               runs_dir: str | Path = "runs") -> Plan:
+    """Load, validate and resolve a stages file; `StagesError` lists every problem."""
+    stages_path = Path(stages_path)
+    stages = load_stages(stages_path)
+    problems = _check_references(stages)
+    order, cycle_problems = _topological_order(stages)
+    problems += cycle_problems
+    profile = profile or stages.default_profile
+    if profile not in stages.profiles:
+        problems.append(f"profile {profile!r} is not defined (profiles: "
+                        f"{', '.join(stages.profiles)})")
+    if problems:
+        raise StagesError([f"{stages_path}: {p}" for p in problems])
+
+    prof = stages.profiles[profile]
+    base = stages_path.resolve().parent
+    data_settings = prof.data.model_dump()
+    data_settings.update(source=_resolve_path_spec(prof.data.source, base),
+                         vocab=_resolve_path_spec(prof.data.vocab, base))
+    problems, vocab_size = _data_problems(profile, data_settings)
+    if vocab_size is None:  # keep checking the nodes, with the data's problems listed
+        data_settings = data.DataConfig().model_dump(exclude={"seed"})
+        vocab_size = data.vocab_size_for_model(data.get_vocabulary(data_settings["vocab"]))
+    sizes = {size: resolve_model(spec).model_copy(update={"vocab_size": vocab_size})
+             for size, spec in prof.models.items()}
+
+    plan = Plan(stages, stages_path, profile, Path(runs_dir) / stages.name)
+    for name in order:
+        spec = stages.nodes[name]
+        parents = _parents(spec)
+        parent_fps = [plan.nodes[p].fingerprint for p in parents if p in plan.nodes]
+        if len(parent_fps) < len(parents):
+            continue  # a parent failed to resolve; its problem is already listed
+        try:
+            node = (_plan_fuse(name, spec, plan, parent_fps) if isinstance(spec, FuseNode)
+                    else _plan_train(name, spec, plan, sizes, prof, data_settings, parent_fps))
+        except (FusionError, ValueError) as e:
+            problems.append(f"nodes.{name}: {e}")
+            continue
+        plan.nodes[name] = node
+    if problems:
+        raise StagesError([f"{stages_path}: {p}" for p in problems])
+    return plan
+
+
+def _plan_fuse(name, spec: FuseNode, plan: Plan, parent_fps) -> PlannedNode:
+    inputs = [plan.nodes[p].model for p in spec.fuse]
+    norm = spec.norm or ("rule" if len(set(spec.fuse)) == 1 else "prop")
+    try:
+        model = fused_config(inputs, norm)
+    except FusionError as e:
+        raise ValueError(f"fuse: {e}") from None
+    record = {"kind": "fuse", "inputs": [plan.nodes[p].fingerprint for p in spec.fuse],
+              "norm": norm, "cross_std": spec.cross_std, "weights": spec.weights,
+              "seed": spec.seed, "model": model.model_dump(mode="json")}
+    fp = _fingerprint(record)
+    return PlannedNode(name, "fuse", tuple(dict.fromkeys(spec.fuse)), model, fp,
+                       plan.root / "nodes" / f"{name}-{fp}", spec)
+
+
+def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
+                parent_fps) -> PlannedNode:
+    declared = sizes[spec.train]
+    model = declared
+    if spec.init is not None:
+        model = plan.nodes[spec.init].model  # the fused model, with its norm groups
+        got = {f: getattr(model, f) for f in _DIM_FIELDS}
+        want = {f: getattr(declared, f) for f in _DIM_FIELDS}
+        if got != want:
+            diff = ", ".join(f"{f}={got[f]} vs {want[f]}" for f in _DIM_FIELDS if got[f] != want[f])
+            raise ValueError(f"init: {spec.init!r} makes a model that differs from size "
+                             f"{spec.train!r}: {diff}")
+        model = model.model_copy(update={"dtype": declared.dtype})
+    overrides = {k: v for k, v in spec.overrides.model_dump().items() if v is not None}
+    tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, seed=spec.seed, mesh=prof.mesh)
+    dc = data.DataConfig(**data_settings, seed=spec.seed)
+    record = {"kind": "train", "model": model.model_dump(mode="json"), "init": parent_fps,
+              "train": tc.model_dump(mode="json", exclude=_EXECUTION_FIELDS),
+              # The data as written in the file: a checkout's location is not part of it.
+              "data": {**dc.model_dump(mode="json"), "source": prof.data.source,
+                       "vocab": prof.data.vocab}}
+    fp = _fingerprint(record)
+    return PlannedNode(name, "train", tuple(_parents(spec)), model, fp,
+                       plan.root / "nodes" / f"{name}-{fp}", spec, tc, dc)
+
+
+def plan_records(plan: Plan) -> list[dict]:
+    """One JSON-able record per node: name, kind, dims, parents, fingerprint, state, compute."""
+    records = []
+    for name, node in plan.nodes.items():
+        state, step = plan.state(name)
+        records.append({
+            "name": name, "kind": node.kind, "model": node.model.describe(),
+            "dims": node.model.model_dump(mode="json"), "parents": list(node.parents),
+            "fingerprint": node.fingerprint, "state": state, "checkpoint_step": step,
+            "steps": node.train.steps if node.train else None, "flops": node.flops,
+            "dir": str(node.dir)})
+    return records

@@ -1,0 +1,242 @@
+"""The `stages.yaml` schema (pydantic) and its loading.
+
+A stages file declares profiles (model sizes, data, training settings and mesh per scale),
+nodes (train or fuse) and settings (what the report compares)::
+
+    name: six-settings
+    default_profile: tiny
+    profiles:
+      tiny: {models: {S: cpu-S, M: cpu-M, L: cpu-L}, data: {...}, train: {steps: 300, ...}}
+    nodes:
+      S1:   {train: S, seed: 1}
+      M12f: {fuse: [S1, S2], norm: prop, cross_std: 1.0e-3}
+      M12:  {train: M, init: M12f}
+    settings:
+      "4": {node: L4, description: "...", paper: {accuracy: 70.74, train_nodes: 7}}
+
+Structure is checked here; cross-references (dangling names, cycles, shapes) in `validate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator)
+
+from deepfusion_core.config import T5Config
+from deepfusion_core.sharding import parse_mesh
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelDims(_Strict):
+    """A model size given by its dimensions instead of a preset name."""
+
+    d_model: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    d_ff: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DataSettings(_Strict):
+    """Data of a profile; each train node adds its own seed."""
+
+    source: str = "builtin"  # builtin | c4:PATH (relative to the stages file) | tfds:DATA_DIR
+    vocab: str = "byte"  # byte | t5:PATH (relative to the stages file)
+    inputs_length: int = Field(default=128, ge=8)
+    targets_length: int = Field(default=32, ge=2)
+    batch_size: int = Field(default=8, gt=0)
+    pack: bool = True
+
+
+class TrainSettings(_Strict):
+    """Training settings of a profile (see `deepfusion_core.train.TrainConfig`)."""
+
+    steps: int = Field(gt=0)
+    optimizer: Literal["adafactor", "adamw"] = "adafactor"
+    learning_rate: float = Field(default=0.01, gt=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    z_loss: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    eval_every: int = Field(default=0, ge=0)
+    eval_batches: int = Field(default=4, gt=0)
+    save_every: int = Field(default=100, gt=0)
+    keep_last: int = Field(default=2, gt=0)
+    keep_every: int | None = Field(default=None, gt=0)
+
+
+class TrainOverrides(_Strict):
+    """Per-node changes to the profile's training settings."""
+
+    steps: int | None = Field(default=None, gt=0)
+    learning_rate: float | None = Field(default=None, gt=0)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    optimizer: Literal["adafactor", "adamw"] | None = None
+
+
+class Profile(_Strict):
+    """One scale of the experiment: sizes, data, training and hardware."""
+
+    description: str = ""
+    models: dict[str, str | ModelDims]  # size name (S, M, L) -> preset name or dimensions
+    data: DataSettings = DataSettings()
+    train: TrainSettings
+    mesh: str | None = None  # data=D,model=M; None: every device on data
+    processes: int = Field(default=1, gt=0)  # JAX processes per train node
+
+    @field_validator("mesh")
+    @classmethod
+    def _check_mesh(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_mesh(v)  # raises MeshError (a ValueError): one line naming the problem
+        return v
+
+
+class TrainNode(_Strict):
+    """Train a model of size `train`, from scratch or from the fuse node `init`."""
+
+    train: str
+    init: str | None = None
+    seed: int = Field(default=0, ge=0)  # parameter init and data order
+    overrides: TrainOverrides = TrainOverrides()
+    description: str = ""
+
+
+class FuseNode(_Strict):
+    """Fuse the models of two or more nodes (the same node twice: self fusion)."""
+
+    fuse: list[str] = Field(min_length=2)
+    norm: Literal["prop", "rule"] | None = None  # None: rule for self fusion, else prop
+    cross_std: float = Field(default=0.0, ge=0)
+    weights: list[float] | None = None
+    seed: int = Field(default=0, ge=0)
+    description: str = ""
+
+
+def _node_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        if "train" in value and "fuse" not in value:
+            return "train"
+        if "fuse" in value and "train" not in value:
+            return "fuse"
+    return None
+
+
+Node = Annotated[Annotated[TrainNode, Tag("train")] | Annotated[FuseNode, Tag("fuse")],
+                 Discriminator(_node_kind, custom_error_type="node_kind",
+                               custom_error_message="a node has exactly one of 'train' or 'fuse'")]
+
+
+class PaperResult(_Strict):
+    """The paper's reported figures for a setting (Table 2)."""
+
+    accuracy: float | None = None
+    train_nodes: int | None = None
+
+
+class Setting(_Strict):
+    """A row of the report: the final node of one way to make the large model."""
+
+    node: str
+    description: str = ""
+    paper: PaperResult = PaperResult()
+
+
+class Stages(_Strict):
+    """A whole stages file."""
+
+    schema_: str | None = Field(default=None, alias="$schema")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    default_profile: str
+    profiles: dict[str, Profile] = Field(min_length=1)
+    nodes: dict[str, Node] = Field(min_length=1)
+    settings: dict[str, Setting] = {}
+    baseline: str | None = None  # the setting the others are compared against
+
+
+class StagesError(ValueError):
+    """A stages file that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_UNION_TAGS = {"train", "fuse", "str", "ModelDims"}
+
+
+def _where(loc: tuple) -> str:
+    # Drop pydantic's union tags (a node's "train"/"fuse", a model's "str"/"ModelDims").
+    union_level = 2 if loc[:1] == ("nodes",) else 4 if loc[2:3] == ("models",) else None
+    return ".".join(str(p) for i, p in enumerate(loc)
+                    if not (i == union_level and p in _UNION_TAGS and len(loc) > i + 1))
+
+
+def _errors(e: ValidationError) -> list[tuple[str, str]]:
+    """(location, message) per pydantic error; a mapping given for a preset name only
+    reports the dimension errors, not "should be a valid string"."""
+    out = []
+    for err in e.errors():
+        loc = err["loc"]
+        if len(loc) == 5 and loc[2] == "models" and loc[4] == "str":
+            continue
+        out.append((_where(loc), err["msg"].removeprefix("Value error, ")))
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_stages(path: str | Path) -> Stages:
+    """Parse and structurally validate a stages file; `StagesError` lists every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise StagesError([f"{path}: no such stages file"])
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise StagesError([f"{path}:{line} is not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(raw, dict):
+        raise StagesError([f"{path}: expected a mapping with name, profiles, nodes, settings"])
+    try:
+        return Stages.model_validate(raw)
+    except ValidationError as e:
+        raise StagesError([f"{path}: {where}: {msg}" for where, msg in _errors(e)]) from None
+
+
+def resolve_model(spec: str | ModelDims) -> T5Config:
+    """A profile's model entry as a config (vocab size set later, from the data)."""
+    from deepfusion_core.config import PRESETS
+
+    if isinstance(spec, ModelDims):
+        return T5Config(**spec.model_dump())
+    return PRESETS[spec]
+
+
+def json_schema() -> dict:
+    """The JSON Schema of stages files, for editors (yaml-language-server)."""
+    schema = Stages.model_json_schema(by_alias=True)
+    schema["title"] = "deepfusion stages file"
+    return schema

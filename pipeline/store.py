@@ -1,0 +1,93 @@
+"""The content-addressed node store under a runs directory::
+
+    RUNS/<pipeline>/nodes/<node>-<fingerprint>/   node.json, DONE, FAILED,
+                                                  checkpoints/ metrics.jsonl tensorboard/ (train)
+                                                  model/ (fuse: an Orbax model checkpoint)
+    RUNS/<pipeline>/report/                       table2.md table2.csv curves.png
+    RUNS/<pipeline>/.lock                         held by the one `deepfusion run` at a time
+
+`DONE` (the node's summary as JSON) is written last and atomically: a node directory without
+it is work in progress, whatever else it holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class LockedError(RuntimeError):
+    """Another run holds the runs directory."""
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write JSON to `path` so a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def is_done(node_dir: Path) -> bool:
+    return (node_dir / "DONE").exists()
+
+
+def done_record(node_dir: Path) -> dict | None:
+    """The summary a finished node wrote into DONE (None if it is not finished)."""
+    return read_json(node_dir / "DONE")
+
+
+def mark_done(node_dir: Path, summary: dict) -> None:
+    (node_dir / "FAILED").unlink(missing_ok=True)
+    write_json_atomic(node_dir / "DONE", summary)
+
+
+def mark_failed(node_dir: Path, message: str) -> None:
+    node_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(node_dir / "FAILED", {"error": message})
+
+
+def failure(node_dir: Path) -> str | None:
+    record = read_json(node_dir / "FAILED")
+    return record["error"] if record else None
+
+
+def latest_checkpoint_step(node_dir: Path) -> int | None:
+    """The newest finalised Orbax step of a train node (None if it has none)."""
+    ckpts = node_dir / "checkpoints"
+    if not ckpts.is_dir():
+        return None
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+@contextmanager
+def run_lock(pipeline_dir: Path):
+    """Hold the pipeline directory's lock, or raise `LockedError` naming the holder."""
+    pipeline_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = pipeline_dir / ".lock"
+    with lock_path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise LockedError(f"{pipeline_dir} is in use by a running deepfusion run "
+                              f"({holder}); wait for it or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
