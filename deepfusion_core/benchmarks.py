@@ -18,7 +18,7 @@ import psutil
 from deepfusion_core.config import PRESETS, T5Config
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.fusion import fuse
-from deepfusion_core.model import count_params, init_params, param_shapes
+from deepfusion_core.model import count_params, param_shapes
 
 
 def machine() -> str:
@@ -108,16 +108,12 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
                torch_baseline: bool = True) -> dict:
     """Train-step throughput (Adafactor) against the GEMM peak and against PyTorch T5."""
     from deepfusion_core import sharding
-    from deepfusion_core.train import TrainConfig, build_state_shardings, build_steps, make_optimizer
+    from deepfusion_core.train import TrainConfig, compiled_steps
 
     cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
-    tc = TrainConfig(steps=steps)
     mesh = sharding.make_mesh((jax.device_count(), 1))
-    optimizer = make_optimizer(tc)
-    state_sh, _ = build_state_shardings(cfg, optimizer, mesh)
-    train_step, _ = build_steps(cfg, tc, optimizer, state_sh, mesh)
-    params = jax.jit(lambda: init_params(cfg, 0), out_shardings=state_sh["params"])()
-    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
+    init_random, init_state, _, _, train_step, _ = compiled_steps(cfg, TrainConfig(steps=steps), mesh)
+    state = init_state(init_random(0))
     batch_np = _synthetic_batch(cfg, batch, inputs_length, targets_length)
     device_batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
 

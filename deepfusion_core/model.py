@@ -272,8 +272,8 @@ def count_params(cfg: T5Config) -> int:
     return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(cfg)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_params(cfg: T5Config, seed: int) -> Params:
+@functools.partial(jax.jit, static_argnums=0)  # the seed is traced: one compile per config
+def _init_params(cfg: T5Config, seed) -> Params:
     return nn.meta.unbox(_boxed_init(cfg, seed))
 
 

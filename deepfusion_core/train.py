@@ -17,6 +17,7 @@ its span-corruption masks) is fixed by the data seed and position, both checkpoi
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -105,7 +106,7 @@ def _token_stats(cfg: T5Config, params, batch, z_loss: float):
     return nll, z_loss * jnp.square(log_z), jnp.argmax(logits, -1) == targets
 
 
-def build_steps(cfg, tc, optimizer, state_sh, mesh):
+def _build_steps(cfg, tc, optimizer, state_sh, mesh):
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def train_step(state, batch):
@@ -143,7 +144,7 @@ def evaluate(eval_step, params, batches, put) -> dict:
             "eval_accuracy": totals["correct"] / totals["tokens"]}
 
 
-def build_state_shardings(cfg, optimizer, mesh):
+def _build_state_shardings(cfg, optimizer, mesh):
     param_sh = sharding.param_shardings(cfg, mesh)
     abstract_params = train_checkpoint.abstract_like(param_shapes(cfg), param_sh)
     # The optimizer state's layout follows its params: let XLA propagate it, then pin it.
@@ -157,6 +158,20 @@ def build_state_shardings(cfg, optimizer, mesh):
                 "opt_state": train_checkpoint.abstract_like(
                     jax.eval_shape(optimizer.init, abstract_params), opt_sh)}
     return state_sh, abstract
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(cfg: T5Config, tc: TrainConfig, mesh):
+    """Optimizer, state shardings and jitted steps, shared by every node with the same
+    (model, training, mesh): nodes run in one process then compile once (the seed only
+    affects the initial params, so callers pass `tc` with seed 0)."""
+    optimizer = make_optimizer(tc)
+    state_sh, abstract = _build_state_shardings(cfg, optimizer, mesh)
+    init_state = jax.jit(lambda params: {"params": params, "opt_state": optimizer.init(params)},
+                         out_shardings=state_sh)
+    init_random = jax.jit(lambda seed: init_params(cfg, seed), out_shardings=state_sh["params"])
+    return (init_random, init_state, state_sh, abstract,
+            *_build_steps(cfg, tc, optimizer, state_sh, mesh))
 
 
 def check_inputs(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig,
@@ -177,13 +192,16 @@ def check_inputs(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig,
 def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Path,
           init: str | Path | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> dict:
-    """Train (or resume training) in `workdir`; returns the summary record."""
+    """Train (or resume training) in `workdir`; returns the summary record.
+
+    `init` names a model checkpoint (e.g. a fusion output) to start from: its params only,
+    with a fresh optimizer and schedule. Without it the params are initialised from tc.seed.
+    """
     mesh_shape = check_inputs(cfg, tc, dc, init)
     workdir = Path(workdir)
     mesh = sharding.make_mesh(mesh_shape)
-    optimizer = make_optimizer(tc)
-    state_sh, abstract = build_state_shardings(cfg, optimizer, mesh)
-    train_step, eval_step = build_steps(cfg, tc, optimizer, state_sh, mesh)
+    init_random, init_state, state_sh, abstract, train_step, eval_step = compiled_steps(
+        cfg, tc.model_copy(update={"seed": 0}), mesh)
     batch_sh = sharding.batch_sharding(mesh)
 
     def put(batch):
@@ -196,11 +214,9 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
         state, ts = restored
         log(f"resuming {workdir} from step {ts['step']}")
     else:
-        params = load_model(init)[1] if init is not None else None
-        params = (jax.device_put(params, state_sh["params"]) if params is not None else
-                  jax.jit(lambda: init_params(cfg, tc.seed), out_shardings=state_sh["params"])())
-        state = {"params": params,
-                 "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params)}
+        params = (jax.device_put(load_model(init)[1], state_sh["params"])
+                  if init is not None else init_random(tc.seed))
+        state = init_state(params)
         ts = {"step": 0, "data_position": 0, "data_seed": dc.seed, "flops": 0, "tokens": 0,
               "wall_s": 0.0, "devices": mesh.size}
     first_step = ts["step"]

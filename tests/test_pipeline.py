@@ -1,0 +1,160 @@
+"""Running the shipped DAG through the pipeline API (no Prefect): store, resume, report."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from deepfusion_cli.main import app
+from deepfusion_core.metrics import read_metrics
+from pipeline import store
+from pipeline.execute import run_plan
+from pipeline.plan import build_plan, plan_records
+from pipeline.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = REPO / "stages.yaml"
+DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
+
+
+def done_mtimes(plan):
+    return {n: (node.dir / "DONE").stat().st_mtime_ns for n, node in plan.nodes.items()
+            if store.is_done(node.dir)}
+
+
+def edited_stages(tmp_path, edit) -> Path:
+    """A copy of the shipped stages file with `edit(raw_dict)` applied."""
+    raw = yaml.safe_load(STAGES.read_text())
+    edit(raw)
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    plan = build_plan(STAGES, "smoke", runs)
+    start = time.perf_counter()
+    outcome = run_plan(plan, log=lambda m: None)
+    report = write_report(plan)
+    return plan, outcome, report, runs, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_smoke_dag_runs_every_node_and_reports_six_settings(smoke_run):
+    plan, outcome, report, _, seconds = smoke_run
+    print(f"smoke DAG: {len(plan.nodes)} nodes in {seconds:.0f}s")
+    assert set(outcome.values()) == {"ran"} and len(outcome) == 23
+    assert [r["setting"] for r in report["rows"]] == ["1", "2", "3", "4", "5", "6"]
+    assert [r["train_nodes"] for r in report["rows"]] == [1, 4, 3, 7, 2, 3]
+    with open(report["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert Path(report["plot"]).stat().st_size > 10_000
+    l4 = next(r for r in report["rows"] if r["setting"] == "4")
+    # Setting 4's compute is its seven train nodes, each ancestor counted once.
+    assert l4["flops"] == sum(store.done_record(plan.nodes[n].dir)["flops"]
+                              for n in plan.ancestry("L4"))
+    for node in plan.nodes.values():
+        assert store.is_done(node.dir)
+        if node.kind == "train":
+            assert store.latest_checkpoint_step(node.dir) == node.train.steps
+
+
+@pytest.mark.slow
+def test_second_run_recomputes_nothing(smoke_run):
+    plan, _, _, runs, _ = smoke_run
+    before = done_mtimes(plan)
+    again = build_plan(STAGES, "smoke", runs)
+    assert {r["state"] for r in plan_records(again)} == {"done"}
+    assert set(run_plan(again, log=lambda m: None).values()) == {"done"}
+    assert done_mtimes(again) == before
+
+
+@pytest.mark.slow
+def test_editing_one_node_reruns_exactly_its_descendants(smoke_run, tmp_path):
+    plan, _, _, runs, _ = smoke_run
+    before = done_mtimes(plan)
+
+    def edit(raw):
+        raw["nodes"]["S3"]["overrides"] = {"steps": 6}
+    edited = build_plan(edited_stages(tmp_path, edit), "smoke", runs)
+    changed = {n for n in edited.nodes if edited.nodes[n].fingerprint != plan.nodes[n].fingerprint}
+    assert changed == {"S3", "M34f", "M34", "L4f", "L4"}
+    outcome = run_plan(edited, log=lambda m: None)
+    assert {n for n, o in outcome.items() if o == "ran"} == changed
+    after = done_mtimes(edited)
+    assert {n: after[n] for n in edited.nodes if n not in changed} == \
+        {n: before[n] for n in edited.nodes if n not in changed}
+    # The old S3 and its descendants stay in the store: editing back costs nothing.
+    assert all(store.is_done(plan.nodes[n].dir) for n in changed)
+    assert store.latest_checkpoint_step(edited.nodes["S3"].dir) == 6
+
+
+def test_a_second_run_on_a_locked_runs_dir_refuses(tmp_path):
+    plan = build_plan(STAGES, "smoke", tmp_path)
+    with store.run_lock(plan.root):
+        result = CliRunner().invoke(app, ["run", str(STAGES), "--profile", "smoke",
+                                          "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "in use by a running deepfusion run" in result.output
+    assert sorted(p.name for p in plan.root.iterdir()) == [".lock"]
+
+
+def test_plan_json_has_one_record_per_node(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(STAGES), "--profile", "smoke", "--json",
+                                      "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.output)
+    assert len(records) == 23
+    m12 = next(r for r in records if r["name"] == "M12")
+    assert m12["kind"] == "train" and m12["parents"] == ["M12f"] and m12["state"] == "to run"
+    assert m12["dims"]["norm_groups"] == [32, 32] and len(m12["fingerprint"]) == 12
+    assert not any(tmp_path.iterdir())  # planning writes nothing
+
+
+def _longer_smoke(raw):
+    raw["profiles"]["smoke"]["train"].update(steps=40, save_every=4)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_node_resumes_and_the_report_matches(tmp_path):
+    stages = edited_stages(tmp_path, _longer_smoke)
+    args = ["run", stages, "--profile", "smoke", "--node", "L5", "--no-progress"]
+    straight = subprocess.run([DEEPFUSION, *args, "--runs-dir", tmp_path / "a"],
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    runs = tmp_path / "b"
+    plan = build_plan(stages, "smoke", runs)
+    l5 = plan.nodes["L5"]
+    proc = subprocess.Popen([DEEPFUSION, *args, "--runs-dir", runs],
+                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [r["step"] for r in read_metrics(l5.dir / "metrics.jsonl") if r["kind"] == "train"]
+        if steps and steps[-1] >= 14 and (store.latest_checkpoint_step(l5.dir) or 0) >= 8:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ma_done = (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns
+    assert not store.is_done(l5.dir)
+
+    resumed = subprocess.run([DEEPFUSION, *args, "--runs-dir", runs], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert store.done_record(l5.dir)["first_step"] >= 8
+    assert (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns == ma_done
+
+    def rows(root):
+        with open(root / "six-settings" / "report" / "table2.csv") as f:
+            return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(f)]
+    assert rows(runs) == rows(tmp_path / "a") and len(rows(runs)) == 1
