@@ -291,6 +291,39 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
         raise typer.Exit(1)
 
 
+@app.command("run-node")
+def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
+                 runs_dir: RunsOpt = Path("runs")):
+    """Run one node whose parents are done (what each Prefect task runs in its own process)."""
+    from deepfusion_core.train import Preempted
+    from pipeline.execute import run_node
+
+    plan = _plan(stages, profile, runs_dir)
+    if node not in plan.nodes:
+        fail(f"{node!r} is not a node of {stages}")
+    try:
+        summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
+    except Preempted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(128 + e.signum)
+    typer.echo(json.dumps(summary))
+
+
+@app.command("flow")
+def flow_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
+             runs_dir: RunsOpt = Path("runs"),
+             node: Annotated[Optional[list[str]], typer.Option(
+                 help="Run only these nodes (and the ancestors they need).")] = None,
+             force: Annotated[bool, typer.Option(help="Recompute even DONE nodes.")] = False):
+    """Run the DAG as the Prefect flow `staged-growth` (a temporary local server unless
+    PREFECT_API_URL points at one)."""
+    from flows.staged_growth import staged_growth
+
+    _plan(stages, profile, runs_dir)  # refuse a bad file before starting Prefect
+    result = staged_growth(str(stages), profile, node, force, str(runs_dir))
+    typer.echo(f"report: {result['report']}")
+
+
 @app.command("status")
 def status_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                runs_dir: RunsOpt = Path("runs")):

@@ -1,0 +1,168 @@
+"""The `staged-growth` Prefect flow: one task run per node of the plan.
+
+Thin by design: the plan, the node store and node execution come from `pipeline/`. Each
+node runs as `deepfusion run-node` in its own process (device memory freed, an XLA crash
+fails one task), its output forwarded line by line to the Prefect run logger. Tasks are
+submitted in topological order with their parents' futures as `wait_for`, so the UI draws the
+DAG; a failed node leaves only its descendants NotReady. Nodes already DONE finish at once in
+a `Cached` state. Running nodes hold a slot of the global concurrency limit `accelerator`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Completed
+
+from deepfusion_core.metrics import read_metrics
+from pipeline import store
+from pipeline.execute import runnable_order
+from pipeline.plan import build_plan
+from pipeline.report import markdown_table, write_report
+
+ACCELERATOR_LIMIT = "accelerator"
+_PR_SET_PDEATHSIG = 1
+
+
+def artifact_key(*parts: str) -> str:
+    """A valid Prefect artifact key (lowercase letters, digits and dashes)."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
+
+
+def ensure_concurrency_limit(slots: int) -> None:
+    """Create the global concurrency limit `accelerator` if the server lacks it."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=ACCELERATOR_LIMIT, limit=slots))
+
+
+def _term_with_parent() -> None:
+    # The node gets SIGTERM (and so checkpoints) when the flow process dies, e.g. when
+    # Prefect cancels the flow run: the worker signals only the flow process itself.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _node_command(stages: str, profile: str, runs_dir: str, node: str) -> list[str]:
+    deepfusion = Path(sys.executable).with_name("deepfusion")
+    return [str(deepfusion), "run-node", node, stages, "--profile", profile,
+            "--runs-dir", runs_dir]
+
+
+def _watch_progress(node_dir: Path, steps: int, artifact_id, done: threading.Event) -> None:
+    while not done.wait(2.0):
+        train = [r for r in read_metrics(node_dir / "metrics.jsonl") if r["kind"] == "train"]
+        if train:
+            update_progress_artifact(artifact_id, 100.0 * train[-1]["step"] / steps)
+
+
+@task(name="node")
+def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
+    """Run one node in its own process (a no-op `Cached` state when it is DONE)."""
+    logger = get_run_logger()
+    planned = build_plan(stages, profile, runs_dir).nodes[node]
+    if store.is_done(planned.dir):
+        return Completed(name="Cached", message=f"{node} is DONE in {planned.dir}",
+                         data=store.done_record(planned.dir))
+    progress_id = None
+    if planned.kind == "train":
+        progress_id = create_progress_artifact(
+            0.0, key=artifact_key(node, "progress"),
+            description=f"{node}: training {planned.model.describe()} for {planned.train.steps} steps")
+    with concurrency(ACCELERATOR_LIMIT, occupy=1):
+        # Node processes share a persistent XLA cache: same-shaped nodes compile once.
+        env = {"JAX_COMPILATION_CACHE_DIR": str(Path(runs_dir) / ".jax-cache"),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", **os.environ}
+        proc = subprocess.Popen(_node_command(stages, profile, runs_dir, node), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, preexec_fn=_term_with_parent)
+        finished = threading.Event()
+        watcher = None
+        if progress_id is not None:
+            watcher = threading.Thread(target=_watch_progress, daemon=True,
+                                       args=(planned.dir, planned.train.steps, progress_id, finished))
+            watcher.start()
+        try:
+            for line in proc.stdout:
+                logger.info(line.rstrip())
+            returncode = proc.wait()
+        finally:
+            finished.set()
+            if proc.poll() is None:  # the task itself was interrupted: let the node checkpoint
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=300)
+    if returncode != 0:
+        raise RuntimeError(f"node {node} exited with status {returncode}; see the log above")
+    summary = store.done_record(planned.dir)
+    if progress_id is not None:
+        update_progress_artifact(progress_id, 100.0)
+    create_table_artifact([{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}],
+                          key=artifact_key(node, "metrics"),
+                          description=f"{node} ({planned.kind}) final metrics, {planned.dir}")
+    return summary
+
+
+def _set_aside(node_dir: Path) -> None:
+    """`force`: keep the old node directory, renamed, and let the node run afresh."""
+    if node_dir.exists():
+        shutil.move(node_dir, node_dir.with_name(f"{node_dir.name}.replaced-{int(time.time())}"))
+
+
+@flow(name="staged-growth", log_prints=True)
+def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
+                  nodes: list[str] | None = None, force: bool = False, runs_dir: str = "runs",
+                  retries: int = 0, accelerator_slots: int = 1) -> dict:
+    """Run the staged-growth DAG of `stages` at `profile` (default: the file's default).
+
+    nodes: run only these (and the ancestors they need); force: recompute them (or all)
+    even if DONE; retries: per-node task retries; accelerator_slots: created size of the
+    `accelerator` concurrency limit when the server has none yet.
+    """
+    stages = str(Path(stages).resolve())
+    runs_dir = str(Path(runs_dir).resolve())
+    plan = build_plan(stages, profile, runs_dir)  # a bad file fails the run here, with every problem
+    order = runnable_order(plan, nodes)
+    ensure_concurrency_limit(accelerator_slots)
+    if force:
+        for name in nodes or order:
+            _set_aside(plan.nodes[name].dir)
+    futures = {}
+    for name in order:
+        node = plan.nodes[name]
+        size = node.spec.train if node.kind == "train" else f"{node.model.d_model}d"
+        futures[name] = run_node_task.with_options(
+            name=name, task_run_name=name, tags=[node.kind, f"size:{size}"], retries=retries,
+        ).submit(stages, plan.profile, runs_dir, name,
+                 wait_for=[futures[p] for p in node.parents])
+    for future in futures.values():
+        future.wait()
+    states = {name: future.state for name, future in futures.items()}
+    report = write_report(plan)
+    create_table_artifact(report["rows"], key=artifact_key(plan.stages.name, "report"),
+                          description=f"{plan.stages.name} at {plan.profile}: {report['csv']}")
+    links = "\n".join(f"- {k}: `{report[k]}`" for k in ("markdown", "csv", "plot"))
+    create_markdown_artifact(markdown_table(plan, report["rows"]) + "\nFiles:\n" + links,
+                             key=artifact_key(plan.stages.name, "report", "md"))
+    failed = [n for n, s in states.items() if not s.is_completed()]
+    if failed:
+        raise RuntimeError(f"nodes not completed: {', '.join(failed)}")
+    return {"report": report["markdown"], "nodes": {n: s.name for n, s in states.items()}}
+

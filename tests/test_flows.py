@@ -1,0 +1,240 @@
+"""The staged-growth flow end to end against a real `prefect server start`: deployment,
+worker, task runs per node, artifacts, cached reruns, crash-resume, cancellation, bad input."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from deepfusion_core.metrics import read_metrics
+from pipeline import store
+from pipeline.plan import build_plan
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """A real Prefect server, the `local` process pool, the deployments and a worker."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_UI_ENABLED": "false"}
+    logs = home / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, cwd=home,
+                              stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and server.poll() is None, (logs / "server.log").read_text()
+            time.sleep(0.5)
+        for cmd in (["work-pool", "create", "local", "--type", "process"],
+                    ["--no-prompt", "deploy", "--all"]):
+            proc = subprocess.run([BIN / "prefect", *cmd], env=env, cwd=REPO, capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "local"],
+                                  env=env, cwd=REPO, stdout=(logs / "worker.log").open("w"),
+                                  stderr=subprocess.STDOUT)
+        yield {"api": api, "env": env, "logs": logs}
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def api_post(prefect, path, body):
+    response = httpx.post(f"{prefect['api']}{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def flow_run(prefect, run_id):
+    return httpx.get(f"{prefect['api']}/flow_runs/{run_id}", timeout=30).json()
+
+
+def start_run(prefect, deployment, **params) -> str:
+    """`prefect deployment run` as a user types it; returns the flow run id."""
+    proc = subprocess.run([BIN / "prefect", "deployment", "run", f"staged-growth/{deployment}",
+                           "--params", json.dumps(params)], env=prefect["env"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+
+
+def wait_run(prefect, run_id, timeout=900) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = flow_run(prefect, run_id)
+        if run["state_type"] in TERMINAL:
+            return run
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} did not finish; worker log:\n"
+                       + (prefect["logs"] / "worker.log").read_text()[-3000:])
+
+
+def task_runs(prefect, run_id) -> dict[str, dict]:
+    runs = api_post(prefect, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    return {r["name"]: r for r in runs}
+
+
+def run_logs(prefect, run_id) -> str:
+    logs = api_post(prefect, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+    return "\n".join(entry["message"] for entry in logs)
+
+
+def long_stages(tmp_path, **train) -> Path:
+    raw = yaml.safe_load((REPO / "stages.yaml").read_text())
+    raw["profiles"]["smoke"]["train"].update(train)
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def wait_for_node(node_dir: Path, step: int, checkpoint: int = 0, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        train = [r for r in read_metrics(node_dir / "metrics.jsonl") if r["kind"] == "train"]
+        if train and train[-1]["step"] >= step and (store.latest_checkpoint_step(node_dir) or 0) >= checkpoint:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{node_dir} did not reach step {step}")
+
+
+def node_processes(node: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "run-node" in cmd and node in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.fixture(scope="module")
+def smoke(prefect, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    start = time.perf_counter()
+    run_id = start_run(prefect, "six-settings-smoke", runs_dir=str(runs))
+    run = wait_run(prefect, run_id)
+    return run_id, run, runs, time.perf_counter() - start
+
+
+def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
+    run_id, run, runs, seconds = smoke
+    print(f"smoke DAG through Prefect: {seconds:.0f}s")
+    assert run["state_type"] == "COMPLETED", run_logs(prefect, run_id)[-3000:]
+    plan = build_plan(REPO / "stages.yaml", "smoke", runs)
+    tasks = task_runs(prefect, run_id)
+    assert set(tasks) == set(plan.nodes)
+    assert {t["state_type"] for t in tasks.values()} == {"COMPLETED"}
+    assert "size:S" in tasks["S1"]["tags"] and "train" in tasks["S1"]["tags"]
+    artifacts = {a["key"] for a in api_post(prefect, "/artifacts/filter",
+                                            {"flow_runs": {"id": {"any_": [run_id]}}})}
+    for name, node in plan.nodes.items():
+        assert store.is_done(node.dir)
+        if node.kind == "train":
+            assert {f"{name.lower()}-progress", f"{name.lower()}-metrics"} <= artifacts
+            assert store.latest_checkpoint_step(node.dir) == node.train.steps
+    assert {"six-settings-report", "six-settings-report-md"} <= artifacts
+    report = runs / "six-settings" / "report"
+    assert {"table2.md", "table2.csv", "curves.png"} <= {p.name for p in report.iterdir()}
+    # Node output reaches the run logger.
+    assert "fused S1 + S2" in run_logs(prefect, run_id)
+
+
+def test_a_second_run_finds_every_node_cached(prefect, smoke):
+    _, _, runs, _ = smoke
+    start = time.perf_counter()
+    run_id = start_run(prefect, "six-settings-smoke", runs_dir=str(runs))
+    run = wait_run(prefect, run_id)
+    print(f"fully cached rerun of the smoke DAG: {time.perf_counter() - start:.1f}s "
+          f"(flow run {run['total_run_time']:.1f}s)")
+    assert run["state_type"] == "COMPLETED"
+    assert {t["state_name"] for t in task_runs(prefect, run_id).values()} == {"Cached"}
+
+
+def test_sigkill_of_a_node_then_rerun_resumes_it(prefect, tmp_path):
+    stages = long_stages(tmp_path, steps=40, save_every=4)
+    runs = tmp_path / "runs"
+    plan = build_plan(stages, "smoke", runs)
+    params = dict(stages=str(stages), profile="smoke", nodes=["L5"], runs_dir=str(runs))
+    first = start_run(prefect, "six-settings-smoke", **params)
+    wait_for_node(plan.nodes["L5"].dir, step=14, checkpoint=8)
+    victims = node_processes("L5")
+    assert victims, "no node process found"
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    assert wait_run(prefect, first)["state_type"] == "FAILED"
+    ma_done = (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns
+
+    second = start_run(prefect, "six-settings-smoke", **params)
+    assert wait_run(prefect, second)["state_type"] == "COMPLETED"
+    tasks = task_runs(prefect, second)
+    assert tasks["Ma"]["state_name"] == "Cached" and tasks["L5"]["state_name"] == "Completed"
+    assert store.done_record(plan.nodes["L5"].dir)["first_step"] >= 8
+    assert (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns == ma_done
+
+
+def test_cancelling_the_flow_run_checkpoints_the_running_node(prefect, tmp_path):
+    stages = long_stages(tmp_path, steps=2000, save_every=100000)
+    runs = tmp_path / "runs"
+    ma = build_plan(stages, "smoke", runs).nodes["Ma"]
+    run_id = start_run(prefect, "six-settings-smoke", stages=str(stages), nodes=["Ma"],
+                       runs_dir=str(runs))
+    wait_for_node(ma.dir, step=20)
+    cancel = subprocess.run([BIN / "prefect", "flow-run", "cancel", run_id], env=prefect["env"],
+                            capture_output=True, text=True, timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert wait_run(prefect, run_id, timeout=180)["state_type"] == "CANCELLED"
+    deadline = time.time() + 120
+    while node_processes("Ma") and time.time() < deadline:
+        time.sleep(0.5)
+    assert not node_processes("Ma")
+    last = [r for r in read_metrics(ma.dir / "metrics.jsonl") if r["kind"] == "train"][-1]["step"]
+    assert 20 <= last < 2000 and store.latest_checkpoint_step(ma.dir) == last
+    assert not store.is_done(ma.dir)
+
+
+def test_a_bad_stages_file_fails_the_run_at_once_with_the_message(prefect, tmp_path):
+    broken = REPO / "tests" / "stages_corpus" / "dangling_init.yaml"
+    run_id = start_run(prefect, "six-settings-smoke", stages=str(broken),
+                       runs_dir=str(tmp_path / "runs"))
+    run = wait_run(prefect, run_id, timeout=300)
+    assert run["state_type"] == "FAILED"
+    assert "nodes.M12.init: 'M99f' is not a node" in run_logs(prefect, run_id)
+    assert task_runs(prefect, run_id) == {}
+    assert not (tmp_path / "runs").exists()
