@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip
 
-.PHONY: install test
+.PHONY: install test run
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,3 +13,8 @@ install: $(VENV)/bin/python
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# The main job: the six T5-L settings at the default profile, as the Prefect flow
+# staged-growth on Prefect's temporary local server (no other setup).
+run: install
+	$(VENV)/bin/deepfusion flow stages.yaml

@@ -395,8 +395,23 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", s
             f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['fraction_of_gemm_peak']:.0%} of GEMM peak "
             f"({r['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)")
     if torch:
-        line += f"; PyTorch {r['torch_step_s'] * 1e3:.1f} ms ({r['speedup_vs_torch']}x slower)"
+        line += (f"; PyTorch {r['torch_step_s'] * 1e3:.1f} ms "
+                 f"(JAX is {r['speedup_vs_torch']}x PyTorch's speed)")
     _emit(r, line)
+
+
+@bench_app.command("prefect")
+def bench_prefect(stages: StagesArg = STAGES_DEFAULT, profile: str = "smoke",
+                  runs_dir: Annotated[Optional[Path], typer.Option(
+                      help="Runs directory (default: a fresh temporary one).")] = None):
+    """Prefect's overhead per node and the wall time of a fully cached rerun."""
+    from flows.bench import bench_prefect as run
+
+    _plan(stages, profile, runs_dir or Path("runs"))
+    r = run(str(stages), profile, str(runs_dir) if runs_dir else None)
+    _emit(r, f"prefect {r['nodes']} nodes ({r['profile']}): overhead per node "
+             f"{r['prefect_overhead_per_node_s']}s Prefect + {r['process_overhead_per_node_s']}s "
+             f"own process; first run {r['first_run_s']}s, fully cached rerun {r['cached_rerun_s']}s")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -112,8 +112,9 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
 
     cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
     mesh = sharding.make_mesh((jax.device_count(), 1))
-    init_random, init_state, _, _, train_step, _ = compiled_steps(cfg, TrainConfig(steps=steps), mesh)
-    state = init_state(init_random(0))
+    steps_fns = compiled_steps(cfg, TrainConfig(steps=steps), mesh)
+    train_step = steps_fns.train_step
+    state = steps_fns.init_state(steps_fns.init_random(0))
     batch_np = _synthetic_batch(cfg, batch, inputs_length, targets_length)
     device_batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
 

@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,18 +160,28 @@ def _build_state_shardings(cfg, optimizer, mesh):
     return state_sh, abstract
 
 
+class CompiledSteps(NamedTuple):
+    """The jitted pieces of training one (model, training, mesh) combination."""
+
+    init_random: Callable  # seed -> params, sharded
+    init_state: Callable  # params -> {"params", "opt_state"}, sharded
+    state_shardings: dict
+    abstract_state: dict  # ShapeDtypeStructs with shardings, the restore target
+    train_step: Callable  # (state, batch) -> (state, {"loss", "grad_norm"})
+    eval_step: Callable  # (params, batch) -> summed nll, correct, tokens
+
+
 @functools.lru_cache(maxsize=8)
-def compiled_steps(cfg: T5Config, tc: TrainConfig, mesh):
-    """Optimizer, state shardings and jitted steps, shared by every node with the same
-    (model, training, mesh): nodes run in one process then compile once (the seed only
-    affects the initial params, so callers pass `tc` with seed 0)."""
+def compiled_steps(cfg: T5Config, tc: TrainConfig, mesh) -> CompiledSteps:
+    """Shared by every node with the same (model, training, mesh), so nodes that run in one
+    process compile once. The seed only changes the initial params: pass `tc` with seed 0."""
     optimizer = make_optimizer(tc)
     state_sh, abstract = _build_state_shardings(cfg, optimizer, mesh)
     init_state = jax.jit(lambda params: {"params": params, "opt_state": optimizer.init(params)},
                          out_shardings=state_sh)
     init_random = jax.jit(lambda seed: init_params(cfg, seed), out_shardings=state_sh["params"])
-    return (init_random, init_state, state_sh, abstract,
-            *_build_steps(cfg, tc, optimizer, state_sh, mesh))
+    return CompiledSteps(init_random, init_state, state_sh, abstract,
+                         *_build_steps(cfg, tc, optimizer, state_sh, mesh))
 
 
 def check_inputs(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig,

@@ -37,6 +37,7 @@ from pipeline.plan import build_plan
 from pipeline.report import markdown_table, write_report
 
 ACCELERATOR_LIMIT = "accelerator"
+_local_slots = threading.BoundedSemaphore(1)  # resized by each flow run (thread task runner)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -87,7 +88,11 @@ def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
         progress_id = create_progress_artifact(
             0.0, key=artifact_key(node, "progress"),
             description=f"{node}: training {planned.model.describe()} for {planned.train.steps} steps")
-    with concurrency(ACCELERATOR_LIMIT, occupy=1):
+    waiting = time.perf_counter()
+    # The local semaphore wakes a waiting branch the moment a node ends; the server's limit
+    # alone is polled with back-off, which left the one CPU slot idle between nodes.
+    with _local_slots, concurrency(ACCELERATOR_LIMIT, occupy=1):
+        slot_wait_s = time.perf_counter() - waiting
         # Node processes share a persistent XLA cache: same-shaped nodes compile once.
         env = {"JAX_COMPILATION_CACHE_DIR": str(Path(runs_dir) / ".jax-cache"),
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", **os.environ}
@@ -100,10 +105,12 @@ def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
             watcher = threading.Thread(target=_watch_progress, daemon=True,
                                        args=(planned.dir, planned.train.steps, progress_id, finished))
             watcher.start()
+        started = time.perf_counter()
         try:
             for line in proc.stdout:
                 logger.info(line.rstrip())
             returncode = proc.wait()
+            process_wall_s = time.perf_counter() - started
         finally:
             finished.set()
             if proc.poll() is None:  # the task itself was interrupted: let the node checkpoint
@@ -117,7 +124,7 @@ def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
     create_table_artifact([{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}],
                           key=artifact_key(node, "metrics"),
                           description=f"{node} ({planned.kind}) final metrics, {planned.dir}")
-    return summary
+    return {**summary, "process_wall_s": process_wall_s, "slot_wait_s": slot_wait_s}
 
 
 def _set_aside(node_dir: Path) -> None:
@@ -141,6 +148,8 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     plan = build_plan(stages, profile, runs_dir)  # a bad file fails the run here, with every problem
     order = runnable_order(plan, nodes)
     ensure_concurrency_limit(accelerator_slots)
+    global _local_slots
+    _local_slots = threading.BoundedSemaphore(accelerator_slots)
     if force:
         for name in nodes or order:
             _set_aside(plan.nodes[name].dir)
@@ -164,5 +173,10 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     failed = [n for n, s in states.items() if not s.is_completed()]
     if failed:
         raise RuntimeError(f"nodes not completed: {', '.join(failed)}")
-    return {"report": report["markdown"], "nodes": {n: s.name for n, s in states.items()}}
+    return {"report": report["markdown"],
+            "nodes": {n: {"state": s.name, **_timings(s.result())} for n, s in states.items()}}
+
+
+def _timings(result: dict) -> dict:
+    return {k: result[k] for k in ("run_wall_s", "process_wall_s", "slot_wait_s") if k in result}
 

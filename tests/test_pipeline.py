@@ -158,3 +158,12 @@ def test_kill_9_mid_node_resumes_and_the_report_matches(tmp_path):
         with open(root / "six-settings" / "report" / "table2.csv") as f:
             return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(f)]
     assert rows(runs) == rows(tmp_path / "a") and len(rows(runs)) == 1
+
+
+def test_table1_file_plans_its_four_settings(tmp_path):
+    plan = build_plan(REPO / "stages_table1.yaml", "smoke", tmp_path)
+    kinds = [n.kind for n in plan.nodes.values()]
+    assert kinds.count("train") == 7 and kinds.count("fuse") == 3
+    assert plan.nodes["Mprop"].model.norm_groups == (32, 32)
+    assert plan.nodes["Mrule"].model.norm_groups == (64,)
+    assert list(plan.stages.settings) == ["baseline", "fusion-rule", "fusion-prop", "self-fusion"]
