@@ -163,7 +163,7 @@ def test_kill_9_mid_node_resumes_and_the_report_matches(tmp_path):
 def test_table1_file_plans_its_four_settings(tmp_path):
     plan = build_plan(REPO / "stages_table1.yaml", "smoke", tmp_path)
     kinds = [n.kind for n in plan.nodes.values()]
-    assert kinds.count("train") == 7 and kinds.count("fuse") == 3
+    assert kinds.count("train") == 6 and kinds.count("fuse") == 3
     assert plan.nodes["Mprop"].model.norm_groups == (32, 32)
     assert plan.nodes["Mrule"].model.norm_groups == (64,)
     assert list(plan.stages.settings) == ["baseline", "fusion-rule", "fusion-prop", "self-fusion"]
