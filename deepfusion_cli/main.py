@@ -6,6 +6,7 @@ into one line on stderr and exit status 2, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -29,6 +30,18 @@ def fail(message: str) -> None:
     """Print one line to stderr and exit with the usage-error status."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(USAGE_ERROR)
+
+
+@contextlib.contextmanager
+def exit_on_preemption():
+    """A node stopped by SIGTERM/SIGINT has saved its checkpoint: exit 128 + signal."""
+    from deepfusion_core.train import Preempted
+
+    try:
+        yield
+    except Preempted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(128 + e.signum) from None
 
 
 def user_errors(fn):
@@ -182,7 +195,7 @@ def train(
 
     from deepfusion_core.checkpoint import read_config
     from deepfusion_core.data import DataConfig, get_vocabulary, vocab_size_for_model
-    from deepfusion_core.train import Preempted, TrainConfig
+    from deepfusion_core.train import TrainConfig
     from deepfusion_core.train import train as run
 
     if model is None and init is None:
@@ -204,12 +217,9 @@ def train(
             update={"vocab_size": vocab_size_for_model(get_vocabulary(vocab))})
     else:
         cfg = _resolve_config(model) if model is not None else read_config(init)
-    try:
+    with exit_on_preemption():
         summary = run(cfg, tc, dc, workdir, init=init, progress=progress,
                       log=lambda m: typer.echo(m, err=True))
-    except Preempted as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(128 + e.signum)
     typer.echo(json.dumps(summary))
 
 
@@ -267,7 +277,6 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                 help="Run only these nodes (and the ancestors they need).")] = None,
             progress: Annotated[bool, typer.Option(help="Progress bars.")] = True):
     """Run the DAG locally (no Prefect): every node not done, then the report."""
-    from deepfusion_core.train import Preempted
     from pipeline.execute import run_plan
     from pipeline.report import write_report
     from pipeline.store import LockedError
@@ -277,12 +286,11 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
     if unknown:
         fail(f"--node: {', '.join(unknown)} not in {stages}")
     try:
-        outcome = run_plan(plan, node, log=lambda m: typer.echo(m, err=True), progress=progress)
+        with exit_on_preemption():
+            outcome = run_plan(plan, node, log=lambda m: typer.echo(m, err=True),
+                               progress=progress)
     except LockedError as e:
         fail(str(e))
-    except Preempted as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(128 + e.signum)
     report = write_report(plan)
     typer.echo(f"report: {report['markdown']}")
     failed = [n for n, o in outcome.items() if not o.startswith(("done", "ran"))]
@@ -295,17 +303,13 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
 def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                  runs_dir: RunsOpt = Path("runs")):
     """Run one node whose parents are done (what each Prefect task runs in its own process)."""
-    from deepfusion_core.train import Preempted
     from pipeline.execute import run_node
 
     plan = _plan(stages, profile, runs_dir)
     if node not in plan.nodes:
         fail(f"{node!r} is not a node of {stages}")
-    try:
+    with exit_on_preemption():
         summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
-    except Preempted as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(128 + e.signum)
     typer.echo(json.dumps(summary))
 
 

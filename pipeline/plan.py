@@ -92,9 +92,6 @@ class Plan:
         visit(name)
         return [n for n in self.nodes if n in seen]
 
-    def descendants(self, name: str) -> list[str]:
-        return [n for n in self.nodes if n != name and name in self.ancestry(n)]
-
 
 def _parents(spec: TrainNode | FuseNode) -> list[str]:
     if isinstance(spec, FuseNode):
