@@ -95,12 +95,17 @@ def _synthetic_batch(cfg: T5Config, batch: int, inputs_length: int, targets_leng
             "decoder_loss_weights": np.ones((batch, targets_length), np.float32)}
 
 
-def _time_steps(run_step, steps: int) -> float:
-    run_step()  # compile / warm up
-    start = time.perf_counter()
-    for _ in range(steps):
+def _time_steps(run_step, steps: int, warmup: int = 2) -> float:
+    """Median seconds per call: this VM's neighbours make single steps vary by +-20%, and the
+    median, unlike the mean, is not moved by the one step a neighbour slowed down."""
+    for _ in range(warmup):  # compile, first-touch allocations
         run_step()
-    return (time.perf_counter() - start) / steps
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,

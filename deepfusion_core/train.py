@@ -30,7 +30,7 @@ import optax
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from deepfusion_core import data, sharding, train_checkpoint
+from deepfusion_core import adafactor, data, sharding, train_checkpoint
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
 from deepfusion_core.config import T5Config
 from deepfusion_core.flops import train_step_flops
@@ -90,8 +90,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     if tc.optimizer == "adamw":
         opt = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=tc.weight_decay)
     else:
-        opt = optax.adafactor(schedule, decay_rate=0.8, multiply_by_parameter_scale=True,
-                              clipping_threshold=1.0)
+        opt = adafactor.adafactor(schedule)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt) if tc.grad_clip else opt
 
 

@@ -104,3 +104,30 @@ def test_relative_position_buckets_follow_t5():
     assert enc[128] == enc[299] == 31  # everything at or beyond max_distance shares one bucket
     dec = relative_position_buckets(300, 1, False, 32, 128)[:, 0]
     assert list(dec[:16]) == list(range(16)) and dec[299] == 31
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,n_contract", [
+    ((2, 5, 8), (8, 16), 1),        # MLP, logits
+    ((2, 5, 8), (8, 3, 4), 1),      # query/key/value: [embed, heads, kv]
+    ((2, 5, 3, 4), (3, 4, 8), 2),   # attention out: [heads, kv, embed]
+])
+def test_dense_matmul_has_autodiffs_value_and_gradients(x_shape, kernel_shape, n_contract):
+    from deepfusion_core.model import _dense_dot_general
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape, np.float32))
+    dims = ((tuple(range(len(x_shape) - n_contract, len(x_shape))), tuple(range(n_contract))),
+            ((), ()))
+    cotangent = jnp.asarray(rng.standard_normal(
+        x_shape[:len(x_shape) - n_contract] + kernel_shape[n_contract:], np.float32))
+
+    def loss(dot_general):
+        return lambda x, k: (dot_general(x, k, dims) * cotangent).sum()
+
+    ours = jax.grad(loss(_dense_dot_general), argnums=(0, 1))(x, kernel)
+    ref = jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(_dense_dot_general(x, kernel, dims),
+                               jax.lax.dot_general(x, kernel, dims), rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
