@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -189,9 +190,20 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the parameter init, data order and "
                                            "span corruption.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    processes: Annotated[int, typer.Option(
+        help="Run as N cooperating JAX processes on this machine, splitting its CPU devices "
+             "(XLA_FLAGS) between them.")] = 1,
 ):
     """Train a model (or resume its workdir) on span-corrupted text."""
     from pydantic import ValidationError
+
+    from deepfusion_core import distributed
+
+    if processes > 1 and not os.environ.get(distributed.ENV_COORDINATOR):
+        devices = distributed.local_cpu_device_count(dict(os.environ))
+        distributed.check_processes(processes, devices, batch)
+        raise typer.Exit(distributed.launch_local(_own_argv(), processes, devices))
+    distributed.initialize_from_env()
 
     from deepfusion_core.checkpoint import read_config
     from deepfusion_core.data import DataConfig, get_vocabulary, vocab_size_for_model
@@ -220,7 +232,13 @@ def train(
     with exit_on_preemption():
         summary = run(cfg, tc, dc, workdir, init=init, progress=progress,
                       log=lambda m: typer.echo(m, err=True))
-    typer.echo(json.dumps(summary))
+    if summary is not None:  # the other processes of a multi-process run print nothing
+        typer.echo(json.dumps(summary))
+
+
+def _own_argv() -> list[str]:
+    """This command line, to start sibling processes with."""
+    return [sys.executable, "-m", "deepfusion_cli.main", *sys.argv[1:]]
 
 
 STAGES_DEFAULT = Path("stages.yaml")
@@ -248,11 +266,20 @@ RunsOpt = Annotated[Path, typer.Option(help="Runs directory (the node store).")]
 @app.command("plan")
 def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
              runs_dir: RunsOpt = Path("runs"),
-             as_json: Annotated[bool, typer.Option("--json", help="One record per node.")] = False):
-    """Validate a stages file and show every node: state, model, parents, compute."""
+             as_json: Annotated[bool, typer.Option("--json", help="One record per node.")] = False,
+             compile_steps: Annotated[bool, typer.Option(
+                 "--compile", help="Also compile each distinct train step on this machine's "
+                                   "devices (abstract, nothing allocated) and print XLA's "
+                                   "memory per device.")] = False):
+    """Validate a stages file and show every node: state, model, parents, compute, memory per
+    device."""
     from pipeline.plan import plan_records
 
     plan = _plan(stages, profile, runs_dir)
+    if compile_steps:
+        _compile_train_steps(plan)
+    for warning in plan.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     records = plan_records(plan)
     if as_json:
         typer.echo(json.dumps(records, indent=1))
@@ -262,12 +289,33 @@ def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
         state = r["state"] + (f" @ step {r['checkpoint_step']}" if r["checkpoint_step"] else "")
         what = f"train {r['steps']} steps" if r["kind"] == "train" else "fuse"
         parents = f" <- {', '.join(r['parents'])}" if r["parents"] else ""
+        memory = (f"{r['memory_per_device']['total'] / 2**30:6.2f} GiB/device"
+                  f" ({r['mesh'] or 'data=all'})" if r["memory_per_device"] else "")
         typer.echo(f"  {r['name']:<6} {state:<16} {what:<18} {r['flops']:>9.3g} FLOPs  "
-                   f"{r['model']}{parents}  [{r['fingerprint']}]")
+                   f"{memory:<40} {r['model']}{parents}  [{r['fingerprint']}]")
     kinds = [r["kind"] for r in records]
     todo = sum(r["state"] != "done" for r in records)
     typer.echo(f"{kinds.count('train')} train nodes, {kinds.count('fuse')} fuse nodes; "
                f"{todo} not done; total {sum(r['flops'] for r in records):.3g} FLOPs")
+
+
+def _compile_train_steps(plan) -> None:
+    from deepfusion_core.memory import compiled_memory
+    from pipeline.plan import node_memory
+
+    seen = set()
+    for node in plan.nodes.values():
+        if node.kind != "train" or node.spec.train in seen:
+            continue  # one step per size: fused inits change only the norm groups
+        seen.add(node.spec.train)
+        start = time.perf_counter()
+        xla = compiled_memory(node.model, node.train, node.data.batch_size,
+                              node.data.inputs_length, node.data.targets_length)
+        typer.echo(f"compiled {node.name}'s step ({node.train.mesh or 'data=all'}) in "
+                   f"{time.perf_counter() - start:.0f}s: XLA arguments "
+                   f"{xla['arguments'] / 2**30:.2f} GiB + temporaries "
+                   f"{xla['temporaries'] / 2**30:.2f} GiB per device; estimate "
+                   f"{node_memory(node)['total'] / 2**30:.2f} GiB")
 
 
 @app.command("run")
@@ -300,17 +348,33 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
 
 
 @app.command("run-node")
+@user_errors
 def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                  runs_dir: RunsOpt = Path("runs")):
-    """Run one node whose parents are done (what each Prefect task runs in its own process)."""
+    """Run one node whose parents are done (what each Prefect task runs in its own process).
+
+    A train node of a profile with `processes: N` runs as N JAX processes: launched here on
+    one machine, or one per host where the cluster starts this command on every host with
+    DEEPFUSION_DISTRIBUTED=auto (see deepfusion_core/distributed.py).
+    """
+    from deepfusion_core import distributed
     from pipeline.execute import run_node
 
     plan = _plan(stages, profile, runs_dir)
     if node not in plan.nodes:
         fail(f"{node!r} is not a node of {stages}")
+    processes = plan.stages.profiles[plan.profile].processes
+    if plan.nodes[node].kind == "train" and processes > 1:
+        if not (os.environ.get(distributed.ENV_COORDINATOR)
+                or os.environ.get(distributed.ENV_AUTO)):
+            devices = distributed.local_cpu_device_count(dict(os.environ))
+            distributed.check_processes(processes, devices, plan.nodes[node].data.batch_size)
+            raise typer.Exit(distributed.launch_local(_own_argv(), processes, devices))
+        distributed.initialize_from_env()
     with exit_on_preemption():
         summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
-    typer.echo(json.dumps(summary))
+    if summary is not None:
+        typer.echo(json.dumps(summary))
 
 
 @app.command("flow")
@@ -388,16 +452,20 @@ def bench_fuse(preset: str = "table7-M", cross_std: float = 0.0):
 @bench_app.command("step")
 def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", steps: int = 10,
                dtype: str = "float32",
-               torch: Annotated[bool, typer.Option(help="Also time transformers' PyTorch T5.")] = True):
+               torch: Annotated[bool, typer.Option(help="Also time transformers' PyTorch T5.")] = True,
+               remat: Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")] = False):
     """Train-step tokens/s and FLOP/s against this process's GEMM peak and PyTorch T5."""
     from deepfusion_core.benchmarks import bench_step as run
 
     inputs_length, targets_length = _parse_seq_len(seq_len)
-    r = run(preset, batch, inputs_length, targets_length, steps, dtype, torch_baseline=torch)
+    r = run(preset, batch, inputs_length, targets_length, steps, dtype, torch_baseline=torch,
+            remat=remat)
     line = (f"step {preset} {dtype} batch {batch}x{seq_len} on {r['devices']} {r['device']}: "
             f"{r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,} tok/s, "
             f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['fraction_of_gemm_peak']:.0%} of GEMM peak "
             f"({r['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+    if "mfu" in r:
+        line += f", MFU {r['mfu']:.0%} of the {r['nominal_peak_flops_per_s'] / 1e12:.0f} TFLOP/s spec"
     if torch:
         line += (f"; PyTorch {r['torch_step_s'] * 1e3:.1f} ms "
                  f"(JAX is {r['speedup_vs_torch']}x PyTorch's speed)")

@@ -24,8 +24,12 @@ def read_metrics(path: Path) -> list[dict]:
 class MetricsLog:
     """Appends records to `WORKDIR/metrics.jsonl` and scalars to `WORKDIR/tensorboard/`."""
 
-    def __init__(self, workdir: Path, resumed_step: int):
+    def __init__(self, workdir: Path, resumed_step: int, enabled: bool = True):
+        # Disabled (writes nothing) in all but one process of a multi-process node.
+        self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
+        if not enabled:
+            return
         kept = [r for r in read_metrics(self.path)
                 if r.get("step", 0) <= resumed_step and r.get("kind") != "summary"]
         tmp = self.path.with_suffix(".tmp")
@@ -36,6 +40,8 @@ class MetricsLog:
             str(workdir / "tensorboard"), just_logging=False, asynchronous=True)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
@@ -44,5 +50,7 @@ class MetricsLog:
             self._tb.write_scalars(record["step"], scalars)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         self._tb.close()

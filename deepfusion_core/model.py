@@ -227,8 +227,15 @@ def _mask_bias(q_segments, k_segments, k_tokens, causal: bool):
     return jnp.where(ok, 0.0, _NEG_INF)[:, None].astype(jnp.float32)
 
 
+def _layer(cls, remat: bool):
+    # Rematerialised layers keep only their inputs for the backward pass and recompute the
+    # rest: what lets the paper-size models fit a TPU core (see `memory.py`). Same params.
+    return nn.remat(cls) if remat else cls
+
+
 class Encoder(nn.Module):
     cfg: T5Config
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, tokens, segments):
@@ -236,12 +243,13 @@ class Encoder(nn.Module):
         bias = RelativePositionBias(self.cfg, True, name="relpos_bias")(n, n)
         bias = bias + _mask_bias(segments, segments, tokens, causal=False)
         for i in range(self.cfg.num_layers):
-            x = EncoderLayer(self.cfg, name=f"layers_{i}")(x, bias)
+            x = _layer(EncoderLayer, self.remat)(self.cfg, name=f"layers_{i}")(x, bias)
         return _norm(self.cfg, "encoder_norm")(x)
 
 
 class Decoder(nn.Module):
     cfg: T5Config
+    remat: bool = False
 
     @nn.compact
     def __call__(self, y, encoded, enc_tokens, enc_segments, dec_segments):
@@ -253,7 +261,8 @@ class Decoder(nn.Module):
                                            jnp.ones_like(dec_segments), causal=True)
         cross_bias = _mask_bias(dec_segments, enc_segments, enc_tokens, causal=False)
         for i in range(self.cfg.num_layers):
-            y = DecoderLayer(self.cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias)
+            y = _layer(DecoderLayer, self.remat)(self.cfg, name=f"layers_{i}")(
+                y, encoded, self_bias, cross_bias)
         y = _norm(self.cfg, "decoder_norm")(y)
         logits = _dense(self.cfg.vocab_size, -1, ("embed", "vocab"), _compute_dtype(self.cfg),
                         name="logits_dense")(y)
@@ -261,9 +270,13 @@ class Decoder(nn.Module):
 
 
 class T5(nn.Module):
-    """The whole encoder-decoder; `__call__` returns float32 logits [batch, dec_len, vocab]."""
+    """The whole encoder-decoder; `__call__` returns float32 logits [batch, dec_len, vocab].
+
+    `remat` recomputes each layer in the backward pass instead of keeping its activations.
+    """
 
     cfg: T5Config
+    remat: bool = False
 
     @nn.compact
     def __call__(self, enc_tokens, dec_tokens, enc_segments=None, dec_segments=None):
@@ -276,8 +289,9 @@ class T5(nn.Module):
                          param_dtype=jnp.float32, name="token_embedder",
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(1.0), ("vocab", "embed")))
-        encoded = Encoder(cfg, name="encoder")(embed(enc_tokens), enc_tokens, enc_segments)
-        return Decoder(cfg, name="decoder")(embed(dec_tokens), encoded, enc_tokens,
+        encoded = Encoder(cfg, self.remat, name="encoder")(embed(enc_tokens), enc_tokens,
+                                                           enc_segments)
+        return Decoder(cfg, self.remat, name="decoder")(embed(dec_tokens), encoded, enc_tokens,
                                             enc_segments, dec_segments)
 
 

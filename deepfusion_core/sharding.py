@@ -50,6 +50,12 @@ def check_mesh(shape: tuple[int, int], cfg: T5Config, batch_size: int,
     if data * model != devices:
         raise MeshError(f"mesh data={data},model={model} needs {data * model} devices, "
                         f"but {devices} are available")
+    check_mesh_fits(shape, cfg, batch_size)
+
+
+def check_mesh_fits(shape: tuple[int, int], cfg: T5Config, batch_size: int) -> None:
+    """The checks of `check_mesh` that need no devices: the batch and the model's dims."""
+    data, model = shape
     if batch_size % data:
         raise MeshError(f"batch size {batch_size} is not divisible by mesh data={data}")
     for name, size in [("num_heads", cfg.num_heads), ("d_ff", cfg.d_ff),
@@ -78,3 +84,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def put_global(tree, shardings):
+    """Host arrays (the same in every process) onto their shardings' devices.
+
+    With several processes each one copies only the slices its own devices hold (for a batch:
+    its share of the rows), which is what feeding a multi-host mesh means.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+    if isinstance(shardings, NamedSharding):
+        return jax.tree.map(lambda x: put(x, shardings), tree)
+    return jax.tree.map(put, tree, shardings)

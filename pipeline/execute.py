@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import jax
+
 from deepfusion_core import fuse, load_model, save_model
 from deepfusion_core.train import Preempted, train
 from pipeline import store
@@ -33,16 +35,22 @@ def model_path(node: PlannedNode):
     return node.dir / "model" if node.kind == "fuse" else node.dir
 
 
-def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) -> dict:
-    """Run one node whose parents are done; returns its DONE summary."""
+def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) -> dict | None:
+    """Run one node whose parents are done; returns its DONE summary.
+
+    In a multi-process train node every process trains and the first one alone writes the
+    node's files (None elsewhere).
+    """
     node = plan.nodes[name]
     if store.is_done(node.dir):
         return store.done_record(node.dir)
     missing = [p for p in node.parents if not store.is_done(plan.nodes[p].dir)]
     if missing:
         raise RuntimeError(f"node {name}: parents not done: {', '.join(missing)}")
+    primary = jax.process_index() == 0
     node.dir.mkdir(parents=True, exist_ok=True)
-    store.write_json_atomic(node.dir / "node.json", _node_record(node))
+    if primary:
+        store.write_json_atomic(node.dir / "node.json", _node_record(node))
     start = time.perf_counter()
     if node.kind == "fuse":
         summary = _run_fuse(plan, node, log)
@@ -50,6 +58,8 @@ def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) ->
         init = model_path(plan.nodes[node.spec.init]) if node.spec.init else None
         summary = train(node.model, node.train, node.data, node.dir, init=init,
                         progress=progress, log=log)
+    if not primary:
+        return None
     summary = {**summary, "node": name, "kind": node.kind, "fingerprint": node.fingerprint,
                "run_wall_s": time.perf_counter() - start}
     store.mark_done(node.dir, summary)

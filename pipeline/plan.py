@@ -23,13 +23,16 @@ from deepfusion_core import data
 from deepfusion_core.config import PRESETS, T5Config
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.fusion import FusionError, fused_config
+from deepfusion_core.memory import train_memory
+from deepfusion_core.sharding import check_mesh_fits, parse_mesh
 from deepfusion_core.train import TrainConfig
 from pipeline import store
 from pipeline.spec import FuseNode, Stages, StagesError, TrainNode, load_stages, resolve_model
 
 _DIM_FIELDS = ("d_model", "num_heads", "head_dim", "d_ff", "num_layers", "vocab_size")
 # TrainConfig fields that change how, not what, a node computes.
-_EXECUTION_FIELDS = {"save_every", "keep_last", "keep_every", "mesh", "eval_every", "eval_batches"}
+_EXECUTION_FIELDS = {"save_every", "keep_last", "keep_every", "mesh", "eval_every", "eval_batches",
+                     "remat"}
 
 State = Literal["done", "resumable", "to run", "failed", "blocked"]
 
@@ -67,6 +70,7 @@ class Plan:
     profile: str
     root: Path  # RUNS/<pipeline name>
     nodes: dict[str, PlannedNode] = field(default_factory=dict)  # topological order
+    warnings: list[str] = field(default_factory=list)  # problems left for run time
 
     def state(self, name: str) -> tuple[State, int | None]:
         """(state, latest checkpoint step) of a node, read from the node store."""
@@ -163,18 +167,23 @@ def _resolve_path_spec(spec: str, base: Path) -> str:
     return f"{kind}:{(base / Path(arg).expanduser()).resolve()}"
 
 
-def _data_problems(profile: str, settings: dict) -> tuple[list[str], int | None]:
+def _data_problems(profile: str, settings: dict,
+                   check_source: bool = True) -> tuple[list[str], int | None]:
     """Problems with a profile's data (one line each) and the model vocab size it needs."""
     where = f"profiles.{profile}.data"
     try:
         dc = data.DataConfig(**settings)
         vocab_size = data.vocab_size_for_model(data.get_vocabulary(dc.vocab))
-        data.register_task(dc)  # checks that the source exists and holds documents
     except pydantic.ValidationError as e:
         return [f"{where}{''.join('.' + str(p) for p in err['loc'])}: "
                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()], None
     except ValueError as e:
         return [f"{where}: {e}"], None
+    try:
+        if check_source:
+            data.register_task(dc)  # checks that the source exists and holds documents
+    except ValueError as e:
+        return [f"{where}: {e}"], vocab_size
     return [], vocab_size
 
 
@@ -184,7 +193,10 @@ def _fingerprint(record: dict) -> str:
 
 def build_plan(stages_path: str | Path, profile: str | None = None,
                runs_dir: str | Path = "runs") -> Plan:
-    """Load, validate and resolve a stages file; `StagesError` lists every problem."""
+    """Load, validate and resolve a stages file; `StagesError` lists every problem.
+
+    A remote data source (the paper's TFDS bucket) is not read: `Plan.warnings` says so.
+    """
     stages_path = Path(stages_path)
     stages = load_stages(stages_path)
     problems = _check_references(stages)
@@ -202,14 +214,20 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
     data_settings = prof.data.model_dump()
     data_settings.update(source=_resolve_path_spec(prof.data.source, base),
                          vocab=_resolve_path_spec(prof.data.vocab, base))
-    problems, vocab_size = _data_problems(profile, data_settings)
+    # A bucket (tfds:gs://...) is often unreachable where a plan is made (no credentials on
+    # a laptop): it is not checked here; each node checks its data when it starts.
+    remote = "://" in prof.data.source
+    warnings = [f"profiles.{profile}.data: {prof.data.source} is remote and was not checked"
+                ] if remote else []
+    problems, vocab_size = _data_problems(profile, data_settings, check_source=not remote)
     if vocab_size is None:  # keep checking the nodes, with the data's problems listed
         data_settings = data.DataConfig().model_dump(exclude={"seed"})
         vocab_size = data.vocab_size_for_model(data.get_vocabulary(data_settings["vocab"]))
     sizes = {size: resolve_model(spec).model_copy(update={"vocab_size": vocab_size})
              for size, spec in prof.models.items()}
 
-    plan = Plan(stages, stages_path, profile, Path(runs_dir) / stages.name)
+    plan = Plan(stages, stages_path, profile, Path(runs_dir) / stages.name,
+                warnings=[f"{stages_path}: {w}" for w in warnings])
     for name in order:
         spec = stages.nodes[name]
         parents = _parents(spec)
@@ -257,8 +275,19 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
                              f"{spec.train!r}: {diff}")
         model = model.model_copy(update={"dtype": declared.dtype})
     overrides = {k: v for k, v in spec.overrides.model_dump().items() if v is not None}
-    tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, seed=spec.seed, mesh=prof.mesh)
+    tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, seed=spec.seed,
+                     mesh=prof.mesh_for(spec.train))
     dc = data.DataConfig(**data_settings, seed=spec.seed)
+    mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (1, 1)
+    check_mesh_fits(mesh_shape, model, dc.batch_size)
+    if prof.device_memory_gb is not None:
+        need = train_memory(model, dc.batch_size, dc.inputs_length, dc.targets_length,
+                            mesh_shape, tc.optimizer, tc.remat)
+        if need["total"] > prof.device_memory_gb * 2**30:
+            raise ValueError(f"needs about {need['total'] / 2**30:.1f} GiB per device ("
+                             f"{_gib(need)}), over the profile's device_memory_gb="
+                             f"{prof.device_memory_gb:g}; set train.remat: true or use more "
+                             f"devices on model")
     record = {"kind": "train", "model": model.model_dump(mode="json"), "init": parent_fps,
               "train": tc.model_dump(mode="json", exclude=_EXECUTION_FIELDS),
               # The data as written in the file: a checkout's location is not part of it.
@@ -267,6 +296,20 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
     fp = _fingerprint(record)
     return PlannedNode(name, "train", tuple(_parents(spec)), model, fp,
                        plan.root / "nodes" / f"{name}-{fp}", spec, tc, dc)
+
+
+def _gib(parts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
+
+
+def node_memory(node: PlannedNode) -> dict[str, int] | None:
+    """Estimated bytes per device of a train node's step (None for fusion, which runs on the
+    host); a profile without a mesh counts one device."""
+    if node.kind != "train":
+        return None
+    d, tc = node.data, node.train
+    return train_memory(node.model, d.batch_size, d.inputs_length, d.targets_length,
+                        parse_mesh(tc.mesh) if tc.mesh else (1, 1), tc.optimizer, tc.remat)
 
 
 def plan_records(plan: Plan) -> list[dict]:
@@ -279,5 +322,6 @@ def plan_records(plan: Plan) -> list[dict]:
             "dims": node.model.model_dump(mode="json"), "parents": list(node.parents),
             "fingerprint": node.fingerprint, "state": state, "checkpoint_step": step,
             "steps": node.train.steps if node.train else None, "flops": node.flops,
+            "mesh": node.train.mesh if node.train else None, "memory_per_device": node_memory(node),
             "dir": str(node.dir)})
     return records

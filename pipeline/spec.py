@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 from deepfusion_core.config import T5Config
 from deepfusion_core.sharding import parse_mesh
@@ -71,6 +71,7 @@ class TrainSettings(_Strict):
     save_every: int = Field(default=100, gt=0)
     keep_last: int = Field(default=2, gt=0)
     keep_every: int | None = Field(default=None, gt=0)
+    remat: bool = False  # recompute layers in the backward pass (for models near memory's limit)
 
 
 class TrainOverrides(_Strict):
@@ -89,15 +90,30 @@ class Profile(_Strict):
     models: dict[str, str | ModelDims]  # size name (S, M, L) -> preset name or dimensions
     data: DataSettings = DataSettings()
     train: TrainSettings
-    mesh: str | None = None  # data=D,model=M; None: every device on data
-    processes: int = Field(default=1, gt=0)  # JAX processes per train node
+    # data=D,model=M for every size, or one per size ({S: ..., L: ...}); None: all on data.
+    mesh: str | dict[str, str] | None = None
+    processes: int = Field(default=1, gt=0)  # JAX processes per train node (hosts of a slice)
+    device_memory_gb: float | None = Field(default=None, gt=0)  # plan refuses nodes above it
 
     @field_validator("mesh")
     @classmethod
-    def _check_mesh(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_mesh(v)  # raises MeshError (a ValueError): one line naming the problem
+    def _check_mesh(cls, v: str | dict[str, str] | None):
+        for spec in (v.values() if isinstance(v, dict) else [v]):
+            if spec is not None:
+                parse_mesh(spec)  # raises MeshError (a ValueError): one line naming the problem
         return v
+
+    @model_validator(mode="after")
+    def _check_mesh_sizes(self):
+        unknown = sorted(set(self.mesh) - set(self.models)) if isinstance(self.mesh, dict) else []
+        if unknown:
+            raise ValueError(f"mesh names sizes {unknown} that are not in models "
+                             f"{sorted(self.models)}")
+        return self
+
+    def mesh_for(self, size: str) -> str | None:
+        """The mesh of a node training a model of this size."""
+        return self.mesh.get(size) if isinstance(self.mesh, dict) else self.mesh
 
 
 class TrainNode(_Strict):

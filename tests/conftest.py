@@ -1,4 +1,5 @@
-"""Test-wide environment: quiet TF, no Prefect analytics, a private PREFECT_HOME per run."""
+"""Test-wide environment: quiet TF, no Prefect analytics, a private PREFECT_HOME and XLA cache
+per run."""
 
 import os
 import tempfile
@@ -7,6 +8,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="deepfusion-prefect-home-"))
+# One persistent XLA cache for this test process and the CLI subprocesses it starts: the crash
+# and resume tests run the same program several times, and compiling it is most of their time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="deepfusion-jax-cache-"))
 
 import pytest  # noqa: E402
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +164,7 @@ def test_an_undefined_profile_is_exit_2(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [
         f"error: {SHIPPED}: profile 'huge' is not defined "
-        f"(profiles: smoke, tiny, c4-tiny, small, paper)"]
+        f"(profiles: smoke, tiny, c4-tiny, small, paper, paper-8gpu)"]
     assert not runs.exists() and after == before
 
 

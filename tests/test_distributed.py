@@ -1,0 +1,132 @@
+"""A train node as several JAX processes (jax.distributed on one machine, gloo collectives).
+
+Real processes throughout: `deepfusion train --processes 2` launches two JAX processes of
+4 CPU devices each, forming the same 8-device mesh as one process of 8 devices.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import psutil
+import pytest
+
+from deepfusion_core import load_model
+from deepfusion_core.metrics import read_metrics
+
+DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
+EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ARGS = ["--model", "tiny-S", "--data", "builtin", "--vocab", "byte", "--batch", "8",
+        "--seq-len", "32,8", "--mesh", "data=4,model=2", "--warmup", "2", "--no-progress"]
+
+
+def deepfusion(*args, env=EIGHT_DEVICES, timeout=300):
+    return subprocess.run([DEEPFUSION, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def losses(workdir):
+    return [r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl")
+            if r["kind"] == "train"]
+
+
+def same_bits(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_bit_identically_after_kill_9(tmp_path):
+    train = ["train", "--steps", "12", "--save-every", "3", *ARGS]
+    one = deepfusion(*train, "--workdir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = deepfusion(*train, "--processes", "2", "--workdir", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    assert len(two.stdout.strip().splitlines()) == 1  # one summary, from process 0
+    assert json.loads(two.stdout)["devices"] == 8
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"),
+                               rtol=0, atol=1e-5)
+
+    # Kill -9 one of the two JAX processes once a checkpoint exists, mid-run.
+    crashed = tmp_path / "crashed"
+    launcher = subprocess.Popen([DEEPFUSION, *train, "--processes", "2", "--workdir", crashed],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=EIGHT_DEVICES)
+    deadline = time.time() + 240
+    while not (crashed / "checkpoints" / "6").exists():
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    workers = psutil.Process(launcher.pid).children()
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0  # the launcher stops the survivor and reports the failure
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+    resumed = deepfusion(*train, "--processes", "2", "--workdir", crashed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert 6 <= summary["first_step"] < 12
+    assert same_bits(load_model(crashed)[1], load_model(tmp_path / "two")[1])
+    assert losses(crashed) == losses(tmp_path / "two")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--processes", "3"],
+     "--processes 3 does not divide the 8 devices of this machine (XLA_FLAGS device count)"),
+    (["--processes", "4", "--batch", "6"], "--processes 4 does not divide the batch size 6"),
+])
+def test_processes_that_do_not_divide_are_one_line_exit_2(tmp_path, extra, message):
+    result = deepfusion("train", "--steps", "2", *ARGS, *extra, "--workdir", tmp_path / "w")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_coordinator_that_never_answers_times_out_with_a_clear_error(tmp_path):
+    env = {**EIGHT_DEVICES, "DEEPFUSION_COORDINATOR": "127.0.0.1:1",
+           "DEEPFUSION_NUM_PROCESSES": "2", "DEEPFUSION_PROCESS_ID": "1",
+           "DEEPFUSION_COORDINATOR_TIMEOUT_S": "3"}
+    start = time.monotonic()
+    result = deepfusion("train", "--steps", "2", *ARGS, "--workdir", tmp_path / "w", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: coordinator 127.0.0.1:1 did not answer within 3 s "
+        "(DEEPFUSION_COORDINATOR_TIMEOUT_S)"]
+    assert time.monotonic() - start < 30  # the timeout, plus start-up; no hang
+    assert not (tmp_path / "w").exists()
+
+
+STAGES = """
+name: two-hosts
+default_profile: p
+profiles:
+  p:
+    models: {S: tiny-S, M: tiny-M, L: tiny-L}
+    data: {source: builtin, vocab: byte, inputs_length: 32, targets_length: 8, batch_size: 8}
+    train: {steps: 4, warmup_steps: 2, save_every: 2}
+    mesh: {S: "data=4,model=2"}
+    processes: 2
+nodes:
+  S1: {train: S, seed: 1}
+"""
+
+
+@pytest.mark.slow
+def test_run_node_runs_a_train_node_as_the_profiles_processes(tmp_path):
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(STAGES)
+    runs = tmp_path / "runs"
+    result = deepfusion("run-node", "S1", stages, "--runs-dir", runs)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # one summary: only process 0 writes the node's files
+    assert summary["node"] == "S1" and summary["devices"] == 8 and summary["step"] == 4
+    (node_dir,) = (runs / "two-hosts" / "nodes").iterdir()
+    assert (node_dir / "DONE").exists()
+    assert len(losses(node_dir)) == 4
