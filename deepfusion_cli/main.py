@@ -289,8 +289,9 @@ def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
         state = r["state"] + (f" @ step {r['checkpoint_step']}" if r["checkpoint_step"] else "")
         what = f"train {r['steps']} steps" if r["kind"] == "train" else "fuse"
         parents = f" <- {', '.join(r['parents'])}" if r["parents"] else ""
-        memory = (f"{r['memory_per_device']['total'] / 2**30:6.2f} GiB/device"
-                  f" ({r['mesh'] or 'data=all'})" if r["memory_per_device"] else "")
+        gib = r["memory"]["total"] / 2**30
+        memory = (f"{gib:6.2f} GiB/device ({r['mesh'] or 'data=all'})" if r["kind"] == "train"
+                  else f"{gib:6.2f} GiB on the host")
         typer.echo(f"  {r['name']:<6} {state:<16} {what:<18} {r['flops']:>9.3g} FLOPs  "
                    f"{memory:<40} {r['model']}{parents}  [{r['fingerprint']}]")
     kinds = [r["kind"] for r in records]
@@ -315,7 +316,7 @@ def _compile_train_steps(plan) -> None:
                    f"{time.perf_counter() - start:.0f}s: XLA arguments "
                    f"{xla['arguments'] / 2**30:.2f} GiB + temporaries "
                    f"{xla['temporaries'] / 2**30:.2f} GiB per device; estimate "
-                   f"{node_memory(node)['total'] / 2**30:.2f} GiB")
+                   f"{node_memory(plan, node)['total'] / 2**30:.2f} GiB")
 
 
 @app.command("run")
@@ -348,7 +349,6 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
 
 
 @app.command("run-node")
-@user_errors
 def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                  runs_dir: RunsOpt = Path("runs")):
     """Run one node whose parents are done (what each Prefect task runs in its own process).
@@ -365,12 +365,15 @@ def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: Profile
         fail(f"{node!r} is not a node of {stages}")
     processes = plan.stages.profiles[plan.profile].processes
     if plan.nodes[node].kind == "train" and processes > 1:
-        if not (os.environ.get(distributed.ENV_COORDINATOR)
-                or os.environ.get(distributed.ENV_AUTO)):
-            devices = distributed.local_cpu_device_count(dict(os.environ))
-            distributed.check_processes(processes, devices, plan.nodes[node].data.batch_size)
-            raise typer.Exit(distributed.launch_local(_own_argv(), processes, devices))
-        distributed.initialize_from_env()
+        try:
+            if not (os.environ.get(distributed.ENV_COORDINATOR)
+                    or os.environ.get(distributed.ENV_AUTO)):
+                devices = distributed.local_cpu_device_count(dict(os.environ))
+                distributed.check_processes(processes, devices, plan.nodes[node].data.batch_size)
+                raise typer.Exit(distributed.launch_local(_own_argv(), processes, devices))
+            distributed.initialize_from_env()
+        except distributed.DistributedError as e:
+            fail(str(e))
     with exit_on_preemption():
         summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
     if summary is not None:
@@ -433,9 +436,15 @@ def schema_cmd(out: Annotated[Path, typer.Option(help="Where to write it.")] =
     typer.echo(f"wrote {out}")
 
 
+_records_file: list[Path] = []  # where `bench all` collects the records
+
+
 def _emit(record: dict, line: str) -> None:
     typer.echo(line)
     typer.echo(json.dumps(record))
+    for path in _records_file:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 @bench_app.command("fuse")
@@ -472,6 +481,35 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", s
     _emit(r, line)
 
 
+@bench_app.command("memory")
+def bench_memory(preset: str = "table7-L", batch: int = 16, seq_len: str = "512,114",
+                 dtype: str = "bfloat16",
+                 mesh: Annotated[Optional[str], typer.Option(
+                     help="data=D,model=M (default: all devices on data)")] = None,
+                 remat: Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")] = False):
+    """The planner's memory estimate per device against XLA's analysis of the compiled step."""
+    from deepfusion_core.benchmarks import bench_memory as run
+
+    inputs_length, targets_length = _parse_seq_len(seq_len)
+    r = run(preset, batch, inputs_length, targets_length, dtype, remat, mesh)
+    _emit(r, f"memory {preset} {dtype} batch {batch}x{seq_len} {r['mesh']}{' remat' if remat else ''} "
+             f"on {r['device']}: XLA {r['xla_gib']} GiB per device, estimate "
+             f"{r['estimate_gib']} GiB ({r['estimate_over_xla']}x)")
+
+
+@bench_app.command("checkpoint")
+def bench_checkpoint(preset: str = "cpu-L", directory: Annotated[Optional[Path], typer.Option(
+        help="Where to write (default: the system's temporary directory).")] = None):
+    """Orbax save/restore of a model against a raw write/read of the same bytes."""
+    from deepfusion_core.benchmarks import bench_checkpoint as run
+
+    r = run(preset, str(directory) if directory else None)
+    _emit(r, f"checkpoint {preset} ({r['gb']} GB) in {r['directory']}: Orbax save "
+             f"{r['orbax_save_gb_per_s']} GB/s vs raw write {r['raw_write_gb_per_s']} GB/s "
+             f"({r['save_over_raw']:.0%}); restore {r['orbax_restore_gb_per_s']} GB/s vs raw "
+             f"read {r['raw_read_gb_per_s']} GB/s ({r['restore_over_raw']:.0%})")
+
+
 @bench_app.command("prefect")
 def bench_prefect(stages: StagesArg = STAGES_DEFAULT, profile: str = "smoke",
                   runs_dir: Annotated[Optional[Path], typer.Option(
@@ -484,6 +522,27 @@ def bench_prefect(stages: StagesArg = STAGES_DEFAULT, profile: str = "smoke",
     _emit(r, f"prefect {r['nodes']} nodes ({r['profile']}): overhead per node "
              f"{r['prefect_overhead_per_node_s']}s Prefect + {r['process_overhead_per_node_s']}s "
              f"own process; first run {r['first_run_s']}s, fully cached rerun {r['cached_rerun_s']}s")
+
+
+@bench_app.command("all")
+def bench_all(out: Annotated[Path, typer.Option(help="Append every JSON record here.")] = Path(
+                  "bench-results.jsonl"),
+              prefect: Annotated[bool, typer.Option(help="Include bench prefect (minutes).")] = True,
+              torch: Annotated[bool, typer.Option(help="Include the PyTorch baseline.")] = True):
+    """Every benchmark in turn with its defaults: step (cpu-M, batch 8 and 32), fuse,
+    checkpoint, memory (cpu-M), and Prefect's overhead with a fully cached rerun."""
+    _records_file.append(out)
+    try:
+        bench_step(batch=8, torch=torch)
+        bench_step(batch=32, torch=torch)
+        bench_fuse()
+        bench_checkpoint()
+        bench_memory(preset="cpu-M", batch=8, seq_len="128,32", dtype="float32")
+        if prefect:
+            bench_prefect()
+    finally:
+        _records_file.clear()
+    typer.echo(f"records appended to {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

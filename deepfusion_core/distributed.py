@@ -54,7 +54,7 @@ def initialize_from_env() -> bool:
     if os.environ.get(ENV_COORDINATOR):
         coordinator = os.environ[ENV_COORDINATOR]
         n, pid = int(os.environ[ENV_NUM_PROCESSES]), int(os.environ[ENV_PROCESS_ID])
-        if jax.config.jax_platforms in (None, "", "cpu"):  # gloo: CPU collectives across processes
+        if os.environ.get("JAX_PLATFORMS") == "cpu":  # set by launch_local
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             _keep_stdout_for_python()
         if pid != 0:  # process 0 hosts the coordinator; the others must reach it
@@ -112,6 +112,11 @@ def check_processes(processes: int, devices: int, batch_size: int) -> None:
     """Raise `DistributedError` if `processes` does not divide the devices or the batch."""
     if processes < 1:
         raise DistributedError(f"--processes must be >= 1, not {processes}")
+    if devices < processes:
+        raise DistributedError(
+            f"{processes} processes need at least {processes} CPU devices, this machine is set "
+            f"to {devices}: set XLA_FLAGS=--xla_force_host_platform_device_count=D for local "
+            f"CPU processes, or {ENV_AUTO}=auto on every host of a cluster")
     if devices % processes:
         raise DistributedError(f"--processes {processes} does not divide the {devices} devices "
                                f"of this machine (XLA_FLAGS device count)")
@@ -136,34 +141,44 @@ def launch_local(argv: Sequence[str], processes: int, devices: int,
     forwarded, so every process checkpoints before exiting.
     """
     port = _free_port()
-    base = dict(os.environ)
+    base = dict(os.environ, JAX_PLATFORMS="cpu")  # CPU processes; accelerators need a cluster
     flags = _DEVICE_COUNT_FLAG.sub("", base.get("XLA_FLAGS", "")).strip()
     base["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices // processes}"
     base.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes)})
-    procs = [subprocess.Popen(list(argv), env={**base, ENV_PROCESS_ID: str(i)})
-             for i in range(processes)]
+    forwarded: list[int] = []
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, _frame):
+        forwarded.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        procs.extend(subprocess.Popen(list(argv), env={**base, ENV_PROCESS_ID: str(i)},
+                                      preexec_fn=_die_with_parent) for i in range(processes))
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                break
+            if all(c is not None for c in codes) or (failed and not forwarded):
+                break  # after a forwarded signal, every process gets to save its checkpoint
             time.sleep(poll_s)
         if failed:
             _stop(procs)
-            return failed[0]
+            return failed[0] if failed[0] > 0 else 128 - failed[0]  # -9 -> 137, as a shell
         return 0
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         _stop(procs)
+
+
+def _die_with_parent() -> None:
+    # A launcher killed outright (OOM, a flow's timeout) must not leave its processes training.
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:

@@ -80,8 +80,8 @@ def _activation_bytes(cfg: T5Config, b: int, i: int, o: int, model: int, c: int,
     dec_layer = norms(o, 3) + attention(o, o) + attention(o, i) + mlp(o)
     head = 2 * 4 * o * v  # float32 logits and their gradient
     n = cfg.num_layers
-    if remat:  # every layer's float32 input, plus one layer's activations being recomputed
-        layers = 4 * d * n * (i + o) + max(enc_layer, dec_layer)
+    if remat:  # every layer's input (compute dtype), plus one layer's recomputed activations
+        layers = c * d * n * (i + o) + max(enc_layer, dec_layer)
     else:
         layers = n * (enc_layer + dec_layer)
     return b * (layers + head)

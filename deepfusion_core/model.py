@@ -132,7 +132,7 @@ def _matmul_bwd(residuals, dy):
     # gated GELU's backward), which then write column-major and run ~2x slower (issue 3).
     x, w = residuals
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    return dy @ w.T, (x2.T @ dy2).astype(w.dtype)
+    return (dy @ w.T).astype(x.dtype), (x2.T @ dy2).astype(w.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -143,8 +143,9 @@ def _dense_dot_general(x, kernel, dimension_numbers, precision=None,
     """DenseGeneral's contraction of x's trailing axes with the kernel's leading ones, as
     one 2-D `_matmul` (same result; a backward pass that compiles well on every backend)."""
     del precision, preferred_element_type  # DenseGeneral passes its defaults (None)
-    (x_axes, k_axes), _ = dimension_numbers
+    (x_axes, k_axes), batch_axes = dimension_numbers
     n = len(x_axes)
+    assert batch_axes == ((), ()) and tuple(k_axes) == tuple(range(n)), dimension_numbers
     out_shape = x.shape[:x.ndim - n] + kernel.shape[n:]
     y = _matmul(x.reshape(*x.shape[:x.ndim - n], -1),
                 kernel.reshape(int(np.prod(kernel.shape[:n])), -1))

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from deepfusion_core import data, sharding, train_checkpoint
@@ -68,6 +70,15 @@ def check_inputs(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig,
             raise CheckpointError(f"--init {init} is {init_cfg.describe()}, but the model to "
                                   f"train is {cfg.describe()}")
     return mesh_shape
+
+
+def _all_agree_to_stop(stop: list[int]) -> bool:
+    """Whether any process was asked to stop, decided by all of them before each step: a
+    signal reaches the processes of a multi-process node at different moments, and one that
+    stopped alone would leave the others waiting in the next step's collectives."""
+    if jax.process_count() == 1:
+        return bool(stop)
+    return bool(multihost_utils.process_allgather(np.int32(bool(stop))).any())
 
 
 def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Path,
@@ -124,7 +135,8 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
     try:
         if ts["step"] == 0 and tc.eval_every:
             run_eval()  # the starting point of every learning curve
-        while ts["step"] < tc.steps and not stop:
+        stopping = False
+        while ts["step"] < tc.steps and not (stopping := _all_agree_to_stop(stop)):
             loop_start = time.perf_counter()
             batch = next(batches)
             step_start = time.perf_counter()
@@ -147,10 +159,10 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
                 train_checkpoint.save(manager, ts["step"], cfg, state, dict(ts))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_time:,.0f}")
-        if stop:
+        if stopping:
             train_checkpoint.save(manager, ts["step"], cfg, state, dict(ts), force=True)
             manager.wait_until_finished()
-            raise Preempted(ts["step"], stop[0])
+            raise Preempted(ts["step"], stop[0] if stop else signal.SIGTERM)
         if last_eval is None or last_eval["step"] != ts["step"]:
             run_eval()
         if manager.latest_step() != ts["step"]:

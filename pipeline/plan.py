@@ -21,6 +21,7 @@ import pydantic
 
 from deepfusion_core import data
 from deepfusion_core.config import PRESETS, T5Config
+from deepfusion_core.model import count_params
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.fusion import FusionError, fused_config
 from deepfusion_core.memory import train_memory
@@ -302,11 +303,13 @@ def _gib(parts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
 
 
-def node_memory(node: PlannedNode) -> dict[str, int] | None:
-    """Estimated bytes per device of a train node's step (None for fusion, which runs on the
-    host); a profile without a mesh counts one device."""
-    if node.kind != "train":
-        return None
+def node_memory(plan: Plan, node: PlannedNode) -> dict[str, int]:
+    """Estimated bytes per device of a train node's step (a profile without a mesh counts one
+    device); for a fuse node, the host memory fusion holds: its inputs and its output (the
+    measured peak is 1.03x that, BENCHMARKS.md)."""
+    if node.kind == "fuse":
+        params = [count_params(plan.nodes[p].model) for p in node.parents] + [count_params(node.model)]
+        return {"host": 4 * sum(params), "total": 4 * sum(params)}
     d, tc = node.data, node.train
     return train_memory(node.model, d.batch_size, d.inputs_length, d.targets_length,
                         parse_mesh(tc.mesh) if tc.mesh else (1, 1), tc.optimizer, tc.remat)
@@ -322,6 +325,7 @@ def plan_records(plan: Plan) -> list[dict]:
             "dims": node.model.model_dump(mode="json"), "parents": list(node.parents),
             "fingerprint": node.fingerprint, "state": state, "checkpoint_step": step,
             "steps": node.train.steps if node.train else None, "flops": node.flops,
-            "mesh": node.train.mesh if node.train else None, "memory_per_device": node_memory(node),
+            "mesh": node.train.mesh if node.train else None,
+            "memory": node_memory(plan, node),
             "dir": str(node.dir)})
     return records

@@ -105,10 +105,12 @@ class Profile(_Strict):
 
     @model_validator(mode="after")
     def _check_mesh_sizes(self):
-        unknown = sorted(set(self.mesh) - set(self.models)) if isinstance(self.mesh, dict) else []
-        if unknown:
-            raise ValueError(f"mesh names sizes {unknown} that are not in models "
-                             f"{sorted(self.models)}")
+        if isinstance(self.mesh, dict) and set(self.mesh) != set(self.models):
+            raise ValueError(f"mesh names sizes {sorted(self.mesh)}, but models are "
+                             f"{sorted(self.models)}: give one mesh per size")
+        if self.device_memory_gb is not None and self.mesh is None:
+            raise ValueError("device_memory_gb needs a mesh (the memory per device depends "
+                             "on how the model and batch are split)")
         return self
 
     def mesh_for(self, size: str) -> str | None:

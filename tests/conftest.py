@@ -26,3 +26,15 @@ def shared_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SHARED_DATA
+
+
+# The longest files first: with `--dist loadfile` each goes whole to one worker, and starting
+# them last left one worker idle for minutes at the end of the suite.
+LONGEST_FIRST = ("test_flows.py", "test_distributed.py", "test_pipeline.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)

@@ -42,7 +42,8 @@ def same_bits(a, b):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_bit_identically_after_kill_9(tmp_path):
-    train = ["train", "--steps", "12", "--save-every", "3", *ARGS]
+    # 40 steps, the kill after checkpoint 4: far from the end even with a warm XLA cache.
+    train = ["train", "--steps", "40", "--save-every", "4", *ARGS]
     one = deepfusion(*train, "--workdir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     two = deepfusion(*train, "--processes", "2", "--workdir", tmp_path / "two")
@@ -58,7 +59,7 @@ def test_two_processes_match_one_and_resume_bit_identically_after_kill_9(tmp_pat
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=EIGHT_DEVICES)
     deadline = time.time() + 240
-    while not (crashed / "checkpoints" / "6").exists():
+    while not (crashed / "checkpoints" / "4").exists():
         assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
         time.sleep(0.05)
     workers = psutil.Process(launcher.pid).children()
@@ -72,7 +73,7 @@ def test_two_processes_match_one_and_resume_bit_identically_after_kill_9(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     summary = json.loads(resumed.stdout)
-    assert 6 <= summary["first_step"] < 12
+    assert 4 <= summary["first_step"] < 40
     assert same_bits(load_model(crashed)[1], load_model(tmp_path / "two")[1])
     assert losses(crashed) == losses(tmp_path / "two")
 
@@ -111,7 +112,7 @@ profiles:
     models: {S: tiny-S, M: tiny-M, L: tiny-L}
     data: {source: builtin, vocab: byte, inputs_length: 32, targets_length: 8, batch_size: 8}
     train: {steps: 4, warmup_steps: 2, save_every: 2}
-    mesh: {S: "data=4,model=2"}
+    mesh: data=4,model=2
     processes: 2
 nodes:
   S1: {train: S, seed: 1}

@@ -39,13 +39,15 @@ def test_the_estimate_is_near_xlas_own_analysis_on_one_device():
     assert 0.6 < (xla["arguments"] + xla["temporaries"]) / estimate["total"] < 1.6
 
 
-def test_plan_prints_memory_per_device_for_every_train_node_of_the_paper_profile():
+def test_plan_prints_memory_for_every_node_of_the_paper_profile():
     result = subprocess.run([DEEPFUSION, "plan", "--profile", "paper"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if " steps " in line]
     assert len(lines) == 15
     assert all("GiB/device" in line for line in lines)
+    fuse_lines = [line for line in result.stdout.splitlines() if " fuse   " in line]
+    assert len(fuse_lines) == 8 and all("GiB on the host" in line for line in fuse_lines)
     # The data bucket is not read at plan time: a warning, not an error.
     assert "warning: " in result.stderr and "gs://YOUR_BUCKET" in result.stderr
     largest = max(float(line.split(" GiB/device")[0].split()[-1]) for line in lines)

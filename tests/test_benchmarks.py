@@ -1,0 +1,19 @@
+"""Benchmarks measure; these check that their records are complete and self-consistent."""
+
+from deepfusion_core import PRESETS, count_params
+from deepfusion_core.benchmarks import bench_checkpoint, bench_memory
+
+
+def test_bench_checkpoint_times_orbax_and_raw_io_of_the_same_bytes(tmp_path):
+    r = bench_checkpoint("tiny-S", str(tmp_path), repeats=1)
+    assert r["gb"] == round(count_params(PRESETS["tiny-S"]) * 4 / 1e9, 3)
+    for key in ("orbax_save", "orbax_restore", "raw_write", "raw_read"):
+        assert r[f"{key}_gb_per_s"] > 0
+    assert r["save_over_raw"] > 0 and r["restore_over_raw"] > 0
+    assert list(tmp_path.iterdir()) == []  # it cleans up after itself
+
+
+def test_bench_memory_compares_the_estimate_with_xla():
+    r = bench_memory("tiny-S", batch=4, inputs_length=32, targets_length=8, dtype="float32")
+    assert r["xla_gib"] > 0 and r["estimate_gib"] > 0
+    assert 0.3 < r["estimate_over_xla"] < 3
