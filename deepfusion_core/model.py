@@ -304,9 +304,18 @@ def _boxed_init(cfg: T5Config, seed: int):
     return T5(cfg).init(jax.random.PRNGKey(seed), _dummy_tokens(), _dummy_tokens())["params"]
 
 
-def param_shapes(cfg: T5Config) -> Params:
-    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating."""
+@functools.lru_cache(maxsize=64)
+def _cached_param_shapes(cfg: T5Config) -> Params:
     return nn.meta.unbox(jax.eval_shape(functools.partial(_boxed_init, cfg, 0)))
+
+
+def param_shapes(cfg: T5Config) -> Params:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating.
+
+    Tracing the model takes ~0.3 s and every save, load and plan asks: the shapes are cached
+    per config, and each caller gets its own copy of the tree.
+    """
+    return jax.tree.map(lambda s: s, _cached_param_shapes(cfg))
 
 
 def param_axes(cfg: T5Config) -> Params:
