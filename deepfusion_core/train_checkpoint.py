@@ -39,7 +39,10 @@ def open_manager(workdir: Path, keep_last: int, keep_every: int | None,
     handlers = {"params": ocp.StandardCheckpointHandler(),
                 "opt_state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "train_state": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers)
+    # Absolute: Orbax's async writers refuse a relative path (`deepfusion run` defaults to the
+    # relative runs/), and only fail in a background thread at the first save.
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
+                                 item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, cfg: T5Config, state: dict,

@@ -192,3 +192,15 @@ def test_mesh_must_divide_devices_batch_and_model(shape, batch, message):
     from deepfusion_core.sharding import MeshError, check_mesh
     with pytest.raises(MeshError, match=message):
         check_mesh(shape, PRESETS["tiny-S"], batch, devices=8)
+
+
+def test_a_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
+    # `deepfusion run` and `make run` use the relative runs/; Orbax's async writers refused
+    # relative paths, failing in a background thread at the first save.
+    monkeypatch.chdir(tmp_path)
+    dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
+                    batch_size=2)
+    train(PRESETS["tiny-S"].model_copy(update={"vocab_size": 384}),
+          TrainConfig(steps=2, save_every=1, warmup_steps=1), dc, Path("w"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == ["1", "2"]
+    assert load_model("w")[1] is not None
