@@ -197,13 +197,7 @@ def train(
     """Train a model (or resume its workdir) on span-corrupted text."""
     from pydantic import ValidationError
 
-    from deepfusion_core import distributed
-
-    if processes > 1 and not os.environ.get(distributed.ENV_COORDINATOR):
-        devices = distributed.local_cpu_device_count(dict(os.environ))
-        distributed.check_processes(processes, devices, batch)
-        raise typer.Exit(distributed.launch_local(_own_argv(), processes, devices))
-    distributed.initialize_from_env()
+    _launch_or_join(processes, batch)
 
     from deepfusion_core.checkpoint import read_config
     from deepfusion_core.data import DataConfig, get_vocabulary, vocab_size_for_model
@@ -236,9 +230,21 @@ def train(
         typer.echo(json.dumps(summary))
 
 
-def _own_argv() -> list[str]:
-    """This command line, to start sibling processes with."""
-    return [sys.executable, "-m", "deepfusion_cli.main", *sys.argv[1:]]
+def _launch_or_join(processes: int, batch_size: int) -> None:
+    """Start `processes` local copies of this command and exit with their code, or, inside
+    one of them (or on a cluster host), join the process group the environment describes."""
+    from deepfusion_core import distributed
+
+    try:
+        if processes > 1 and not (os.environ.get(distributed.ENV_COORDINATOR)
+                                  or os.environ.get(distributed.ENV_AUTO)):
+            devices = distributed.local_cpu_device_count(dict(os.environ))
+            distributed.check_processes(processes, devices, batch_size)
+            argv = [sys.executable, "-m", "deepfusion_cli.main", *sys.argv[1:]]
+            raise typer.Exit(distributed.launch_local(argv, processes, devices))
+        distributed.initialize_from_env()
+    except distributed.DistributedError as e:
+        fail(str(e))
 
 
 STAGES_DEFAULT = Path("stages.yaml")
@@ -357,7 +363,6 @@ def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: Profile
     one machine, or one per host where the cluster starts this command on every host with
     DEEPFUSION_DISTRIBUTED=auto (see deepfusion_core/distributed.py).
     """
-    from deepfusion_core import distributed
     from pipeline.execute import run_node
 
     plan = _plan(stages, profile, runs_dir)
@@ -365,15 +370,7 @@ def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: Profile
         fail(f"{node!r} is not a node of {stages}")
     processes = plan.stages.profiles[plan.profile].processes
     if plan.nodes[node].kind == "train" and processes > 1:
-        try:
-            if not (os.environ.get(distributed.ENV_COORDINATOR)
-                    or os.environ.get(distributed.ENV_AUTO)):
-                devices = distributed.local_cpu_device_count(dict(os.environ))
-                distributed.check_processes(processes, devices, plan.nodes[node].data.batch_size)
-                raise typer.Exit(distributed.launch_local(_own_argv(), processes, devices))
-            distributed.initialize_from_env()
-        except distributed.DistributedError as e:
-            fail(str(e))
+        _launch_or_join(processes, plan.nodes[node].data.batch_size)
     with exit_on_preemption():
         summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
     if summary is not None:

@@ -217,8 +217,8 @@ def bench_checkpoint(preset: str = "cpu-L", directory: str | None = None,
     from deepfusion_core.checkpoint import load_model, save_model
 
     cfg = PRESETS[preset]
-    leaves = jax.tree.leaves(_random_params(param_shapes(cfg), 0))
-    params = jax.tree.unflatten(jax.tree.structure(param_shapes(cfg)), leaves)
+    params = _random_params(param_shapes(cfg), 0)
+    leaves = jax.tree.leaves(params)
     nbytes = _tree_bytes(params)
     root = Path(tempfile.mkdtemp(prefix="deepfusion-bench-ckpt-", dir=directory))
     times = {"orbax_save": [], "orbax_restore": [], "raw_write": [], "raw_read": []}
