@@ -117,6 +117,17 @@ def run_logs(prefect, run_id) -> str:
     return "\n".join(entry["message"] for entry in logs)
 
 
+def logged(prefect, run_id, text: str, timeout=60) -> bool:
+    """Whether `text` reaches the run's logs. The flow process ships logs in batches from a
+    background thread, so its last lines can arrive after the run's final state: poll."""
+    deadline = time.time() + timeout
+    while text not in run_logs(prefect, run_id):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def long_stages(tmp_path, **train) -> Path:
     raw = yaml.safe_load((REPO / "stages.yaml").read_text())
     raw["profiles"]["smoke"]["train"].update(train)
@@ -185,7 +196,7 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     report = runs / "six-settings" / "report"
     assert {"table2.md", "table2.csv", "curves.png"} <= {p.name for p in report.iterdir()}
     # Node output reaches the run logger.
-    assert "fused S1 + S2" in run_logs(prefect, run_id)
+    assert logged(prefect, run_id, "fused S1 + S2")
 
 
 def test_a_second_run_finds_every_node_cached(prefect, smoke):
@@ -247,6 +258,6 @@ def test_a_bad_stages_file_fails_the_run_at_once_with_the_message(prefect, tmp_p
                        runs_dir=str(tmp_path / "runs"))
     run = wait_run(prefect, run_id, timeout=300)
     assert run["state_type"] == "FAILED"
-    assert "nodes.M12.init: 'M99f' is not a node" in run_logs(prefect, run_id)
+    assert logged(prefect, run_id, "nodes.M12.init: 'M99f' is not a node"), run_logs(prefect, run_id)
     assert task_runs(prefect, run_id) == {}
     assert not (tmp_path / "runs").exists()
