@@ -414,13 +414,26 @@ def status_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
 
 @app.command("report")
 def report_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
-               runs_dir: RunsOpt = Path("runs")):
-    """Write Table 2 (Markdown, CSV) and the accuracy-vs-compute plot from the node store."""
-    from pipeline.report import write_report
+               runs_dir: RunsOpt = Path("runs"),
+               into: Annotated[Path | None, typer.Option(
+                   help="Also rewrite this document's block `<!-- report STAGES PROFILE -->` "
+                        "... `<!-- end report -->` (REPRODUCTION.md), its plot beside it.")] = None):
+    """Write the settings table (Markdown, CSV), the paper's claims checked and the
+    accuracy-vs-compute plot from the node store."""
+    from pipeline.report import has_block, update_document, write_report
 
-    report = write_report(_plan(stages, profile, runs_dir))
+    if into is not None and not into.is_file():
+        fail(f"--into: {into} is not a file")
+    plan = _plan(stages, profile, runs_dir)
+    if into is not None and not has_block(into, plan):
+        fail(f"--into: {into} has no block '<!-- report {plan.stages_path.name} "
+             f"{plan.profile} -->'")
+    report = write_report(plan)
     typer.echo(Path(report["markdown"]).read_text())
     typer.echo(f"written: {report['markdown']} {report['csv']} {report['plot']}")
+    if into is not None:
+        update_document(into, plan, report)
+        typer.echo(f"updated: {into}")
 
 
 @app.command("schema")

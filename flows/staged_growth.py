@@ -34,7 +34,7 @@ from deepfusion_core.metrics import read_metrics
 from pipeline import store
 from pipeline.execute import runnable_order
 from pipeline.plan import build_plan
-from pipeline.report import markdown_table, write_report
+from pipeline.report import write_report
 
 ACCELERATOR_LIMIT = "accelerator"
 _local_slots = threading.BoundedSemaphore(1)  # resized by each flow run (thread task runner)
@@ -165,10 +165,10 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
         future.wait()
     states = {name: future.state for name, future in futures.items()}
     report = write_report(plan)
-    create_table_artifact(report["rows"], key=artifact_key(plan.stages.name, "report"),
+    create_table_artifact(report["summary"], key=artifact_key(plan.stages.name, "report"),
                           description=f"{plan.stages.name} at {plan.profile}: {report['csv']}")
     links = "\n".join(f"- {k}: `{report[k]}`" for k in ("markdown", "csv", "plot"))
-    create_markdown_artifact(markdown_table(plan, report["rows"]) + "\nFiles:\n" + links,
+    create_markdown_artifact(Path(report["markdown"]).read_text() + "\nFiles:\n" + links,
                              key=artifact_key(plan.stages.name, "report", "md"))
     failed = [n for n, s in states.items() if not s.is_completed()]
     if failed:

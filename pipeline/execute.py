@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import jax
+from jax.experimental import multihost_utils
 
 from deepfusion_core import fuse, load_model, save_model
 from deepfusion_core.train import Preempted, train
@@ -55,6 +56,7 @@ def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) ->
     if node.kind == "fuse":
         summary = _run_fuse(plan, node, log)
     else:
+        _extend_if_possible(plan, node, log, primary)
         init = model_path(plan.nodes[node.spec.init]) if node.spec.init else None
         summary = train(node.model, node.train, node.data, node.dir, init=init,
                         progress=progress, log=log)
@@ -64,6 +66,18 @@ def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) ->
                "run_wall_s": time.perf_counter() - start}
     store.mark_done(node.dir, summary)
     return summary
+
+
+def _extend_if_possible(plan: Plan, node: PlannedNode, log: Log, primary: bool) -> None:
+    """Start a train node without checkpoints from a finished shorter run of it (more steps
+    in stages.yaml): its last checkpoint and metrics are copied, and training resumes there."""
+    if store.latest_checkpoint_step(node.dir) is None:
+        source = plan.extension_source(node.name)
+        if source and primary:
+            store.copy_train_prefix(*source, node.dir)
+            log(f"{node.name}: extending {source[0].name} from its step {source[1]}")
+    if jax.process_count() > 1:  # the others must see the copy before they restore
+        multihost_utils.sync_global_devices(f"extend {node.dir.name}")
 
 
 def _run_fuse(plan: Plan, node: PlannedNode, log: Log) -> dict:

@@ -11,6 +11,7 @@ it does not change what the node computes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from deepfusion_core.memory import train_memory
 from deepfusion_core.sharding import check_mesh_fits, parse_mesh
 from deepfusion_core.train import TrainConfig
 from pipeline import store
-from pipeline.spec import FuseNode, Stages, StagesError, TrainNode, load_stages, resolve_model
+from pipeline.spec import (SEED_STRIDE, FuseNode, Stages, StagesError, TrainNode, load_stages,
+                           resolve_model)
 
 _DIM_FIELDS = ("d_model", "num_heads", "head_dim", "d_ff", "num_layers", "vocab_size")
 # TrainConfig fields that change how, not what, a node computes.
@@ -48,7 +50,9 @@ class PlannedNode:
     model: T5Config
     fingerprint: str
     dir: Path
-    spec: TrainNode | FuseNode
+    spec: TrainNode | FuseNode  # as resolved for its replica (seed and references)
+    record: dict  # what the fingerprint hashes
+    replica: int = 0
     train: TrainConfig | None = None
     data: data.DataConfig | None = None
 
@@ -83,7 +87,40 @@ class Plan:
         step = store.latest_checkpoint_step(node.dir) if node.kind == "train" else None
         if store.failure(node.dir):
             return "failed", step
+        if step is None and (source := self.extension_source(name)):
+            step = source[1]
         return ("resumable", step) if step else ("to run", None)
+
+    def extension_source(self, name: str) -> tuple[Path, int] | None:
+        """A finished run of this train node with fewer steps and otherwise the same config
+        and parents (found by recomputing its fingerprint), to continue instead of starting
+        over: (its directory, its last step). None with AdamW, whose cosine schedule depends
+        on the total steps; T5's 1/sqrt schedule does not, so the shorter run is exactly the
+        start of the longer one."""
+        node = self.nodes[name]
+        if node.kind != "train" or node.train.optimizer == "adamw":
+            return None
+        best = None
+        for record_path in (self.root / "nodes").glob("*/node.json"):
+            steps = (store.read_json(record_path) or {}).get("train", {}).get("steps")
+            if not isinstance(steps, int) or steps >= node.train.steps:
+                continue
+            shorter = {**node.record, "train": {**node.record["train"], "steps": steps}}
+            src = record_path.parent
+            if (src.name.endswith(f"-{_fingerprint(shorter)}") and store.is_done(src)
+                    and store.latest_checkpoint_step(src) == steps
+                    and (best is None or steps > best[1])):
+                best = (src, steps)
+        return best
+
+    @property
+    def replicas(self) -> int:
+        """Runs of the whole DAG in this profile (seeds)."""
+        return self.stages.profiles[self.profile].replicas
+
+    def replica_name(self, name: str, replica: int) -> str:
+        """The plan's name of a stages-file node in one replica."""
+        return name if replica == 0 else f"{name}@{replica}"
 
     def ancestry(self, name: str) -> list[str]:
         """The node and all its ancestors, each once, in topological order."""
@@ -115,6 +152,8 @@ def _check_references(stages: Stages) -> list[str]:
                 problems.append(f"profiles.{pname}.models.{size}: unknown preset {spec!r} "
                                 f"(known: {', '.join(PRESETS)})")
     for name, spec in stages.nodes.items():
+        if "@" in name:
+            problems.append(f"nodes.{name}: '@' is kept for replica names (NODE@k)")
         if isinstance(spec, TrainNode) and spec.init is not None:
             if spec.init not in stages.nodes:
                 problems.append(f"nodes.{name}.init: {spec.init!r} is not a node")
@@ -131,6 +170,10 @@ def _check_references(stages: Stages) -> list[str]:
     for label, setting in stages.settings.items():
         if setting.node not in stages.nodes:
             problems.append(f"settings.{label}.node: {setting.node!r} is not a node")
+    for i, claim in enumerate(stages.claims):
+        for label in claim.settings():
+            if label not in stages.settings:
+                problems.append(f"claims[{i}]: {label!r} is not a setting")
     if stages.baseline is not None and stages.baseline not in stages.settings:
         problems.append(f"baseline: {stages.baseline!r} is not a setting")
     if stages.default_profile not in stages.profiles:
@@ -229,25 +272,42 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
 
     plan = Plan(stages, stages_path, profile, Path(runs_dir) / stages.name,
                 warnings=[f"{stages_path}: {w}" for w in warnings])
-    for name in order:
-        spec = stages.nodes[name]
-        parents = _parents(spec)
-        parent_fps = [plan.nodes[p].fingerprint for p in parents if p in plan.nodes]
-        if len(parent_fps) < len(parents):
-            continue  # a parent failed to resolve; its problem is already listed
-        try:
-            node = (_plan_fuse(name, spec, plan, parent_fps) if isinstance(spec, FuseNode)
-                    else _plan_train(name, spec, plan, sizes, prof, data_settings, parent_fps))
-        except (FusionError, ValueError) as e:
-            problems.append(f"nodes.{name}: {e}")
-            continue
-        plan.nodes[name] = node
+    for replica in range(prof.replicas):
+        for name in order:
+            spec = _replica_spec(stages.nodes[name], replica)
+            parents = _parents(spec)
+            parent_fps = [plan.nodes[p].fingerprint for p in parents if p in plan.nodes]
+            if len(parent_fps) < len(parents):
+                continue  # a parent failed to resolve; its problem is already listed
+            planned = plan.replica_name(name, replica)
+            try:
+                node = (_plan_fuse(planned, spec, plan) if isinstance(spec, FuseNode)
+                        else _plan_train(planned, spec, plan, sizes, prof, data_settings,
+                                         parent_fps))
+            except (FusionError, ValueError) as e:
+                problems.append(f"nodes.{name}: {e}")
+                continue
+            plan.nodes[planned] = dataclasses.replace(node, replica=replica)
+        if problems:
+            break  # every replica would repeat the same problems
     if problems:
         raise StagesError([f"{stages_path}: {p}" for p in problems])
     return plan
 
 
-def _plan_fuse(name, spec: FuseNode, plan: Plan, parent_fps) -> PlannedNode:
+def _replica_spec(spec: TrainNode | FuseNode, replica: int) -> TrainNode | FuseNode:
+    """A node as it is in replica `replica`: its seed offset, its references renamed."""
+    if replica == 0:
+        return spec
+    update = {"seed": spec.seed + replica * SEED_STRIDE}
+    if isinstance(spec, FuseNode):
+        update["fuse"] = [f"{p}@{replica}" for p in spec.fuse]
+    elif spec.init is not None:
+        update["init"] = f"{spec.init}@{replica}"
+    return spec.model_copy(update=update)
+
+
+def _plan_fuse(name, spec: FuseNode, plan: Plan) -> PlannedNode:
     inputs = [plan.nodes[p].model for p in spec.fuse]
     norm = spec.norm or ("rule" if len(set(spec.fuse)) == 1 else "prop")
     try:
@@ -259,7 +319,7 @@ def _plan_fuse(name, spec: FuseNode, plan: Plan, parent_fps) -> PlannedNode:
               "seed": spec.seed, "model": model.model_dump(mode="json")}
     fp = _fingerprint(record)
     return PlannedNode(name, "fuse", tuple(dict.fromkeys(spec.fuse)), model, fp,
-                       plan.root / "nodes" / f"{name}-{fp}", spec)
+                       plan.root / "nodes" / f"{name}-{fp}", spec, record)
 
 
 def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
@@ -296,7 +356,7 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
                        "vocab": prof.data.vocab}}
     fp = _fingerprint(record)
     return PlannedNode(name, "train", tuple(_parents(spec)), model, fp,
-                       plan.root / "nodes" / f"{name}-{fp}", spec, tc, dc)
+                       plan.root / "nodes" / f"{name}-{fp}", spec, record, train=tc, data=dc)
 
 
 def _gib(parts: dict[str, int]) -> str:

@@ -1,33 +1,40 @@
-"""The report: one row per setting, the paper's numbers beside ours, and the curves plot.
+"""The report: one row per setting, the paper's numbers beside ours, the paper's claims
+checked, and the curves plot.
 
-For each setting (the final node and its whole ancestry, each ancestor counted once, as the
-paper counts "7M steps" for setting 4):
+For each setting and each replica (an independent run of the whole DAG: a profile's
+`replicas`) the report takes the final node and its whole ancestry, each ancestor counted
+once, as the paper counts "7M steps" for setting 4:
 
 - the final model's validation loss and token accuracy;
 - the train nodes and steps in its ancestry; their FLOPs and wall time added up;
-- the compute needed to first reach the baseline's final accuracy: the ancestors' compute
-  plus the final node's compute up to its first evaluation at or above that accuracy;
+- the compute needed to first reach the baseline's final accuracy (same replica): the
+  ancestors' compute plus the final node's compute up to its first evaluation at or above it;
 - the saving against the baseline's total compute.
 
-Writes `report/table2.md`, `report/table2.csv` and `report/curves.png` (accuracy against
-cumulative compute, like the paper's Figure 1) under the pipeline's runs directory.
+The table gives the mean over the replicas that are done (± the sample standard deviation of
+the accuracy), the CSV one row per setting and replica. Writes
+`report/<profile>/report.md`, `settings.csv` and `curves.png` (accuracy against cumulative
+compute, like the paper's Figure 1) under the pipeline's runs directory.
 """
 
 from __future__ import annotations
 
 import csv
+import re
+import statistics
 from pathlib import Path
 
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
 from pipeline.plan import Plan
 
-COLUMNS = ["setting", "node", "description", "eval_loss", "eval_accuracy", "train_nodes",
-           "train_steps", "flops", "wall_s", "flops_to_baseline_acc", "saving_vs_baseline",
-           "paper_accuracy", "paper_train_nodes"]
+COLUMNS = ["setting", "replica", "node", "description", "eval_loss", "eval_accuracy",
+           "train_nodes", "train_steps", "flops", "wall_s", "flops_to_baseline_acc",
+           "saving_vs_baseline", "paper_accuracy", "paper_train_nodes"]
+Curve = list[tuple[float, float]]
 
 
-def _curve(plan: Plan, name: str, prior_flops: float) -> list[tuple[float, float]]:
+def _curve(plan: Plan, name: str, prior_flops: float) -> Curve:
     """(cumulative FLOPs, accuracy) at each evaluation of node `name`."""
     node = plan.nodes[name]
     per_step = node.flops / node.train.steps
@@ -35,106 +42,239 @@ def _curve(plan: Plan, name: str, prior_flops: float) -> list[tuple[float, float
             for r in read_metrics(node.dir / "metrics.jsonl") if r["kind"] == "eval"]
 
 
-def setting_rows(plan: Plan) -> tuple[list[dict], dict[str, list[tuple[float, float]]]]:
-    """Report rows of every setting whose final node is done, and their accuracy curves."""
+def replica_rows(plan: Plan) -> tuple[list[dict], dict[tuple[str, int], Curve]]:
+    """One row per (setting, replica) whose final node is done, and their accuracy curves."""
     rows, curves = [], {}
-    for label, setting in plan.stages.settings.items():
-        final = plan.nodes[setting.node]
-        summary = store.done_record(final.dir)
-        if summary is None:
-            continue
-        ancestry = plan.ancestry(setting.node)
-        done = {n: store.done_record(plan.nodes[n].dir) for n in ancestry}
-        trains = [n for n in ancestry if plan.nodes[n].kind == "train"]
-        prior = sum(done[n]["flops"] for n in ancestry if n != setting.node)
-        curves[label] = _curve(plan, setting.node, prior)
-        rows.append({
-            "setting": label, "node": setting.node, "description": setting.description,
-            "eval_loss": summary["eval_loss"], "eval_accuracy": summary["eval_accuracy"],
-            "train_nodes": len(trains),
-            "train_steps": sum(plan.nodes[n].train.steps for n in trains),
-            "flops": sum(done[n]["flops"] for n in ancestry),
-            "wall_s": sum(done[n]["wall_s"] for n in ancestry),
-            "paper_accuracy": setting.paper.accuracy,
-            "paper_train_nodes": setting.paper.train_nodes,
-        })
-    base = next((r for r in rows if r["setting"] == plan.stages.baseline), None)
+    for replica in range(plan.replicas):
+        for label, setting in plan.stages.settings.items():
+            final = plan.replica_name(setting.node, replica)
+            summary = store.done_record(plan.nodes[final].dir)
+            if summary is None:
+                continue
+            ancestry = plan.ancestry(final)
+            done = {n: store.done_record(plan.nodes[n].dir) for n in ancestry}
+            trains = [n for n in ancestry if plan.nodes[n].kind == "train"]
+            prior = sum(done[n]["flops"] for n in ancestry if n != final)
+            curves[label, replica] = _curve(plan, final, prior)
+            rows.append({
+                "setting": label, "replica": replica, "node": final,
+                "description": setting.description,
+                "eval_loss": summary["eval_loss"], "eval_accuracy": summary["eval_accuracy"],
+                "train_nodes": len(trains),
+                "train_steps": sum(plan.nodes[n].train.steps for n in trains),
+                "flops": sum(done[n]["flops"] for n in ancestry),
+                "wall_s": sum(done[n]["wall_s"] for n in ancestry),
+                "paper_accuracy": setting.paper.accuracy,
+                "paper_train_nodes": setting.paper.train_nodes,
+            })
     for row in rows:
+        base = next((r for r in rows if r["setting"] == plan.stages.baseline
+                     and r["replica"] == row["replica"]), None)
         reach = None
         if base is not None:
-            reach = next((f for f, acc in curves[row["setting"]] if acc >= base["eval_accuracy"]),
-                         None)
+            reach = next((f for f, acc in curves[row["setting"], row["replica"]]
+                          if acc >= base["eval_accuracy"]), None)
         row["flops_to_baseline_acc"] = reach
         row["saving_vs_baseline"] = (1 - reach / base["flops"]) if reach is not None else None
     return rows, curves
 
 
-def _fmt(value, kind: str) -> str:
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(plan: Plan, rows: list[dict]) -> list[dict]:
+    """Per setting: the mean over its done replicas (accuracy sd where there are two or more);
+    compute to the baseline's accuracy and the saving averaged over the replicas that got
+    there, `reached` of `replicas`."""
+    out = []
+    for label in plan.stages.settings:
+        mine = [r for r in rows if r["setting"] == label]
+        if not mine:
+            continue
+        accs = [r["eval_accuracy"] for r in mine]
+        out.append({
+            **{k: mine[0][k] for k in ("setting", "description", "train_nodes", "train_steps",
+                                      "paper_accuracy", "paper_train_nodes")},
+            "replicas": len(mine),
+            "eval_accuracy": statistics.fmean(accs),
+            "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
+            "eval_loss": _mean([r["eval_loss"] for r in mine]),
+            "flops": _mean([r["flops"] for r in mine]),
+            "wall_s": _mean([r["wall_s"] for r in mine]),
+            "flops_to_baseline_acc": _mean([r["flops_to_baseline_acc"] for r in mine]),
+            "saving_vs_baseline": _mean([r["saving_vs_baseline"] for r in mine]),
+            "reached": sum(r["flops_to_baseline_acc"] is not None for r in mine),
+        })
+    return out
+
+
+def check_claims(plan: Plan, summary: list[dict]) -> list[dict]:
+    """Each claim of the stages file against the mean accuracies: what was measured, whether
+    it holds ("yes", "no", or "—" while a setting it names has no done run), and the largest
+    seed standard deviation among the settings it names (differences below it are noise)."""
+    by = {s["setting"]: s for s in summary}
+    acc = {k: 100 * s["eval_accuracy"] for k, s in by.items()}
+    results = []
+    for c in plan.stages.claims:
+        named = c.settings()
+        sds = [100 * by[k]["accuracy_sd"] for k in named if k in by and by[k]["accuracy_sd"]]
+        result = {"claim": c.claim, "measured": "", "holds": "—",
+                  "seed_sd": max(sds) if sds else None}
+        if all(k in by for k in named):
+            if c.higher is not None:
+                diffs = {k: acc[k] - acc[c.than] for k in c.higher}
+                result["measured"] = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs.items()) + \
+                    f" points vs {c.than}"
+                result["holds"] = _verdict(sum(d > 0 for d in diffs.values()), len(diffs))
+            elif c.best is not None:
+                others = max((k for k in by if k != c.best), key=acc.get, default=None)
+                d = acc[c.best] - acc[others] if others else 0.0
+                result["measured"] = f"{c.best}: {acc[c.best]:.2f}, next {others}: " \
+                    f"{acc.get(others, float('nan')):.2f} ({d:+.2f})"
+                result["holds"] = "yes" if d > 0 else "no"
+            elif c.close is not None:
+                a, b = c.close
+                d = acc[a] - acc[b]
+                result["measured"] = f"{a} - {b} = {d:+.2f} points (within {c.within:g}?)"
+                result["holds"] = "yes" if abs(d) <= c.within else "no"
+            else:
+                saving = by[c.saving]["saving_vs_baseline"]
+                result["measured"] = ("never reached the baseline's accuracy" if saving is None
+                                      else f"{c.saving} saves {100 * saving:+.0f}% "
+                                           f"(claim: >= {100 * c.at_least:.0f}%)")
+                result["holds"] = "yes" if saving is not None and saving >= c.at_least else "no"
+        results.append(result)
+    return results
+
+
+def _verdict(passed: int, total: int) -> str:
+    return "yes" if passed == total else "no" if passed == 0 else f"{passed} of {total}"
+
+
+def _fmt(value, kind: str = "") -> str:
     if value is None:
         return "—"
     return {"pct": f"{100 * value:.2f}", "flops": f"{value:.3g}", "loss": f"{value:.4f}",
-            "s": f"{value:.0f}", "saving": f"{100 * value:+.0f}%"}.get(kind, str(value))
+            "s": f"{value:.0f}", "sd": f"{value:.2f}", "saving": f"{100 * value:+.0f}%"}.get(kind, str(value))
 
 
-def markdown_table(plan: Plan, rows: list[dict]) -> str:
-    """Table 2 as Markdown, ours beside the paper's."""
+def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
+    """The settings table (ours beside the paper's) and the claims, as Markdown."""
     baseline = plan.stages.baseline
     lines = [
-        f"# {plan.stages.name}: Table 2 at profile `{plan.profile}`",
+        f"### {plan.stages.name} at profile `{plan.profile}`",
         "",
-        f"Accuracy is validation token accuracy in %. Compute counts every ancestor once. "
-        f"\"to baseline acc.\" is the compute until the final model first reaches setting "
-        f"{baseline}'s final accuracy; the saving is against setting {baseline}'s total.",
+        "Accuracy: validation token accuracy in %, the mean over seeds (± their standard "
+        "deviation). Compute counts every ancestor once. \"To baseline acc.\" is the compute "
+        f"until the final model first reaches setting {baseline}'s final accuracy (same seed), "
+        f"averaged over the seeds that reach it; the saving is against setting {baseline}'s "
+        "total.",
         "",
-        "| setting | how L is made | accuracy | loss | train nodes | steps | FLOPs | wall s "
-        "| FLOPs to baseline acc. | saving | paper accuracy | paper train nodes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | how the model is made | accuracy | loss | seeds | train nodes | steps "
+        "| FLOPs | wall s | FLOPs to baseline acc. | saving | paper accuracy | "
+        "paper train nodes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in summary:
+        acc = _fmt(r["eval_accuracy"], "pct")
+        if r["accuracy_sd"] is not None:
+            acc += f" ± {100 * r['accuracy_sd']:.2f}"
+        reach = _fmt(r["flops_to_baseline_acc"], "flops")
+        if r["reached"] and r["reached"] < r["replicas"]:
+            reach += f" ({r['reached']} of {r['replicas']})"
         lines.append(
-            f"| {r['setting']} | {r['description']} | {_fmt(r['eval_accuracy'], 'pct')} | "
-            f"{_fmt(r['eval_loss'], 'loss')} | {r['train_nodes']} | {r['train_steps']} | "
-            f"{_fmt(r['flops'], 'flops')} | {_fmt(r['wall_s'], 's')} | "
-            f"{_fmt(r['flops_to_baseline_acc'], 'flops')} | "
-            f"{_fmt(r['saving_vs_baseline'], 'saving')} | "
-            f"{_fmt(r['paper_accuracy'], '')} | {_fmt(r['paper_train_nodes'], '')} |")
+            f"| {r['setting']} | {r['description']} | {acc} | {_fmt(r['eval_loss'], 'loss')} | "
+            f"{r['replicas']} | {r['train_nodes']} | {r['train_steps']} | "
+            f"{_fmt(r['flops'], 'flops')} | {_fmt(r['wall_s'], 's')} | {reach} | "
+            f"{_fmt(r['saving_vs_baseline'], 'saving')} | {_fmt(r['paper_accuracy'])} | "
+            f"{_fmt(r['paper_train_nodes'])} |")
+    if claims:
+        lines += ["", "| the paper's claim | measured here | holds | largest seed sd |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['measured'] or '—'} | {c['holds']} | "
+                  f"{_fmt(c['seed_sd'], 'sd')} |" for c in claims]
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(plan: Plan, curves: dict, path: Path) -> None:
-    """Accuracy against cumulative training compute, one line per setting."""
+def plot_curves(plan: Plan, curves: dict[tuple[str, int], Curve], path: Path) -> None:
+    """Accuracy against cumulative training compute: one colour per setting, one line per
+    seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, points in curves.items():
+    colours = {label: f"C{i}" for i, label in enumerate(plan.stages.settings)}
+    for (label, replica), points in curves.items():
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3,
-                    label=f"{label}: {plan.stages.settings[label].description}")
+            ax.plot(xs, [100 * y for y in ys], marker="o", markersize=2.5, linewidth=1.2,
+                    color=colours[label], alpha=1.0 if replica == 0 else 0.45,
+                    label=f"{label}: {plan.stages.settings[label].description}"
+                    if replica == 0 else None)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative training FLOPs (all ancestors)")
     ax.set_ylabel("validation token accuracy (%)")
-    ax.set_title(f"{plan.stages.name} — profile {plan.profile}")
+    ax.set_title(f"{plan.stages.name}, profile {plan.profile}"
+                 + (f" ({plan.replicas} seeds)" if plan.replicas > 1 else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if curves:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def write_report(plan: Plan) -> dict:
-    """Write the Markdown, CSV and PNG report; returns their paths and the rows."""
-    rows, curves = setting_rows(plan)
-    out = plan.root / "report"
+    """Write the Markdown, CSV and PNG report; returns their paths, the summary and claims."""
+    rows, curves = replica_rows(plan)
+    summary = summarize(plan, rows)
+    claims = check_claims(plan, summary)
+    out = plan.root / "report" / plan.profile
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "table2.md", "csv": out / "table2.csv", "plot": out / "curves.png"}
-    paths["markdown"].write_text(markdown_table(plan, rows))
+    paths = {"markdown": out / "report.md", "csv": out / "settings.csv",
+             "plot": out / "curves.png"}
+    paths["markdown"].write_text(markdown_report(plan, summary, claims))
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     plot_curves(plan, curves, paths["plot"])
-    return {"rows": rows, **{k: str(v) for k, v in paths.items()}}
+    return {"rows": rows, "summary": summary, "claims": claims,
+            **{k: str(v) for k, v in paths.items()}}
+
+
+_BLOCK = re.compile(r"(<!-- report (?P<key>\S+ \S+) -->\n).*?(<!-- end report -->)", re.DOTALL)
+
+
+def _blocks(text: str, plan: Plan) -> list[re.Match]:
+    key = f"{plan.stages_path.name} {plan.profile}"
+    return [m for m in _BLOCK.finditer(text) if m["key"] == key]
+
+
+def has_block(document: Path, plan: Plan) -> bool:
+    """Whether a document has this plan's block `<!-- report STAGES PROFILE -->`."""
+    return bool(_blocks(document.read_text(), plan))
+
+
+def update_document(document: Path, plan: Plan, report: dict) -> bool:
+    """Replace the block `<!-- report STAGES PROFILE -->` ... `<!-- end report -->` of a
+    Markdown document (REPRODUCTION.md) with this report, its plot copied beside the document.
+    Returns whether the document had such a block."""
+    text = document.read_text()
+    found = _blocks(text, plan)
+    if not found:
+        return False
+    figures = document.parent / "figures"
+    figures.mkdir(exist_ok=True)
+    figure = figures / f"{plan.stages.name}-{plan.profile}.png"
+    figure.write_bytes(Path(report["plot"]).read_bytes())
+    body = (Path(report["markdown"]).read_text()
+            + f"\n![{plan.stages.name} at {plan.profile}]({figure.relative_to(document.parent)})\n")
+    m = found[0]
+    text = text[:m.start()] + m.group(1) + body + m.group(3) + text[m.end():]
+    store.write_text_atomic(document, text)
+    return True

@@ -30,6 +30,9 @@ from deepfusion_core.config import T5Config
 from deepfusion_core.sharding import parse_mesh
 
 
+SEED_STRIDE = 1000  # replica k of a stages file offsets every seed by k * SEED_STRIDE
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -94,6 +97,10 @@ class Profile(_Strict):
     mesh: str | dict[str, str] | None = None
     processes: int = Field(default=1, gt=0)  # JAX processes per train node (hosts of a slice)
     device_memory_gb: float | None = Field(default=None, gt=0)  # plan refuses nodes above it
+    # Independent runs of the whole DAG (seeds). Replica k >= 1 adds k * SEED_STRIDE to every
+    # node's seed and names its nodes NODE@k; replica 0 is the file as written, so raising
+    # this only adds nodes.
+    replicas: int = Field(default=1, ge=1)
 
     @field_validator("mesh")
     @classmethod
@@ -168,6 +175,36 @@ class Setting(_Strict):
     paper: PaperResult = PaperResult()
 
 
+class Claim(_Strict):
+    """A statement of the paper that the report checks on the runs, by final accuracy:
+    `higher` settings each beat `than`; `best` beats every other setting; `close` settings are
+    within `within` points; `saving` saves at least `at_least` of the baseline's compute."""
+
+    claim: str
+    higher: list[str] | None = None
+    than: str | None = None
+    best: str | None = None
+    close: list[str] | None = Field(default=None, min_length=2, max_length=2)
+    within: float = Field(default=0.5, gt=0)  # accuracy points
+    saving: str | None = None
+    at_least: float = Field(default=0.0)
+
+    @model_validator(mode="after")
+    def _one_test(self):
+        tests = [t for t in ("higher", "best", "close", "saving") if getattr(self, t) is not None]
+        if len(tests) != 1:
+            raise ValueError("a claim has exactly one of higher (with than), best, close, saving")
+        if (self.higher is None) != (self.than is None):
+            raise ValueError("'higher' and 'than' go together")
+        return self
+
+    def settings(self) -> list[str]:
+        """The setting labels the claim names."""
+        return [*(self.higher or []), *([self.than] if self.than else []),
+                *([self.best] if self.best else []), *(self.close or []),
+                *([self.saving] if self.saving else [])]
+
+
 class Stages(_Strict):
     """A whole stages file."""
 
@@ -179,6 +216,17 @@ class Stages(_Strict):
     nodes: dict[str, Node] = Field(min_length=1)
     settings: dict[str, Setting] = {}
     baseline: str | None = None  # the setting the others are compared against
+    claims: list[Claim] = []
+
+    @model_validator(mode="after")
+    def _seeds_fit_the_stride(self):
+        if any(p.replicas > 1 for p in self.profiles.values()):
+            for name, node in self.nodes.items():
+                if node.seed >= SEED_STRIDE:
+                    raise ValueError(f"nodes.{name}.seed: {node.seed} must be below "
+                                     f"{SEED_STRIDE} where a profile has replicas > 1 "
+                                     f"(replica k adds k * {SEED_STRIDE})")
+        return self
 
 
 class StagesError(ValueError):
@@ -241,7 +289,8 @@ def load_stages(path: str | Path) -> Stages:
     try:
         return Stages.model_validate(raw)
     except ValidationError as e:
-        raise StagesError([f"{path}: {where}: {msg}" for where, msg in _errors(e)]) from None
+        raise StagesError([f"{path}: {where + ': ' if where else ''}{msg}"
+                          for where, msg in _errors(e)]) from None
 
 
 def resolve_model(spec: str | ModelDims) -> T5Config:

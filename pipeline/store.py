@@ -3,7 +3,7 @@
     RUNS/<pipeline>/nodes/<node>-<fingerprint>/   node.json, DONE, FAILED,
                                                   checkpoints/ metrics.jsonl tensorboard/ (train)
                                                   model/ (fuse: an Orbax model checkpoint)
-    RUNS/<pipeline>/report/                       table2.md table2.csv curves.png
+    RUNS/<pipeline>/report/<profile>/             report.md settings.csv curves.png
     RUNS/<pipeline>/.lock                         held by the one `deepfusion run` at a time
 
 `DONE` (the node's summary as JSON) is written last and atomically: a node directory without
@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def write_json_atomic(path: Path, record: dict) -> None:
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -67,6 +75,21 @@ def latest_checkpoint_step(node_dir: Path) -> int | None:
         return None
     steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
     return max(steps) if steps else None
+
+
+def copy_train_prefix(source: Path, step: int, node_dir: Path) -> None:
+    """Seed the train node `node_dir` with step `step` of the run in `source`: its metrics and
+    TensorBoard events, then (renamed in last, so a crash leaves no half checkpoint) the
+    checkpoint. The trainer resumes from it as from its own."""
+    node_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "metrics.jsonl", node_dir / "metrics.jsonl")
+    if (source / "tensorboard").is_dir():
+        shutil.copytree(source / "tensorboard", node_dir / "tensorboard", dirs_exist_ok=True)
+    staging = node_dir / ".extending"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source / "checkpoints" / str(step), staging)
+    (node_dir / "checkpoints").mkdir(exist_ok=True)
+    staging.rename(node_dir / "checkpoints" / str(step))
 
 
 @contextmanager

@@ -193,8 +193,8 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
             assert {f"{name.lower()}-progress", f"{name.lower()}-metrics"} <= artifacts
             assert store.latest_checkpoint_step(node.dir) == node.train.steps
     assert {"six-settings-report", "six-settings-report-md"} <= artifacts
-    report = runs / "six-settings" / "report"
-    assert {"table2.md", "table2.csv", "curves.png"} <= {p.name for p in report.iterdir()}
+    report = runs / "six-settings" / "report" / "smoke"
+    assert {"report.md", "settings.csv", "curves.png"} <= {p.name for p in report.iterdir()}
     # Node output reaches the run logger.
     assert logged(prefect, run_id, "fused S1 + S2")
 

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
+from deepfusion_core import load_model
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
 from pipeline.execute import run_plan
@@ -155,7 +157,7 @@ def test_kill_9_mid_node_resumes_and_the_report_matches(tmp_path):
     assert (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns == ma_done
 
     def rows(root):
-        with open(root / "six-settings" / "report" / "table2.csv") as f:
+        with open(root / "six-settings" / "report" / "smoke" / "settings.csv") as f:
             return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(f)]
     assert rows(runs) == rows(tmp_path / "a") and len(rows(runs)) == 1
 
@@ -167,3 +169,63 @@ def test_table1_file_plans_its_four_settings(tmp_path):
     assert plan.nodes["Mprop"].model.norm_groups == (32, 32)
     assert plan.nodes["Mrule"].model.norm_groups == (64,)
     assert list(plan.stages.settings) == ["baseline", "fusion-rule", "fusion-prop", "self-fusion"]
+
+
+def test_replicas_add_copies_of_the_dag_with_offset_seeds_and_keep_replica_0(tmp_path):
+    one = build_plan(STAGES, "smoke", tmp_path)
+
+    def edit(raw):
+        raw["profiles"]["smoke"]["replicas"] = 3
+    three = build_plan(edited_stages(tmp_path, edit), "smoke", tmp_path)
+    assert len(three.nodes) == 3 * len(one.nodes)
+    # Raising replicas only adds nodes: replica 0 is the file as written.
+    assert all(three.nodes[n].fingerprint == node.fingerprint for n, node in one.nodes.items())
+    assert three.nodes["L4@2"].parents == ("L4f@2",)
+    assert three.nodes["L4f@2"].parents == ("M12@2", "M34@2")
+    s1 = three.nodes["S1@2"]
+    assert s1.train.seed == s1.data.seed == 2011 and three.nodes["M12f@2"].spec.seed == 2000
+    assert len({n.fingerprint for n in three.nodes.values()}) == len(three.nodes)
+    assert three.ancestry("L2@1") == ["S1@1", "S2@1", "M12f@1", "M12@1", "L2f@1", "L2@1"]
+
+
+@pytest.mark.slow
+def test_more_steps_continue_the_finished_run_bit_identically(smoke_run, tmp_path):
+    plan, _, _, runs, _ = smoke_run
+    s1_done = (plan.nodes["S1"].dir / "DONE").stat().st_mtime_ns
+
+    def longer(raw):
+        raw["nodes"]["S1"]["overrides"] = {"steps": 12}
+    stages = edited_stages(tmp_path, longer)
+    extended = build_plan(stages, "smoke", runs)
+    node = extended.nodes["S1"]
+    assert extended.extension_source("S1") == (plan.nodes["S1"].dir, 8)
+    assert extended.state("S1") == ("resumable", 8)
+    # Its descendants train on a different S1: they are new nodes.
+    assert extended.nodes["M12f"].fingerprint != plan.nodes["M12f"].fingerprint
+    logs = []
+    assert run_plan(extended, only=["S1"], log=logs.append) == {"S1": "ran"}
+    assert any(f"extending {plan.nodes['S1'].dir.name} from its step 8" in m for m in logs)
+    done = store.done_record(node.dir)
+    assert (done["first_step"], done["step"]) == (8, 12)
+    assert (plan.nodes["S1"].dir / "DONE").stat().st_mtime_ns == s1_done  # left as it was
+    steps = [r["step"] for r in read_metrics(node.dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))
+
+    fresh = build_plan(stages, "smoke", tmp_path / "fresh")
+    assert fresh.extension_source("S1") is None
+    run_plan(fresh, only=["S1"], log=lambda m: None)
+    _, extended_params = load_model(node.dir)
+    _, fresh_params = load_model(fresh.nodes["S1"].dir)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()),
+                                     extended_params, fresh_params))
+
+
+def test_adamw_runs_are_not_extended(tmp_path):
+    def adamw(steps):
+        def edit(raw):
+            raw["nodes"]["S1"]["overrides"] = {"steps": steps, "optimizer": "adamw"}
+        return edited_stages(tmp_path, edit)
+    short = build_plan(adamw(4), "smoke", tmp_path / "runs")
+    run_plan(short, only=["S1"], log=lambda m: None)
+    # Adafactor's schedule would allow it; AdamW's cosine ends where `steps` says.
+    assert build_plan(adamw(8), "smoke", tmp_path / "runs").extension_source("S1") is None

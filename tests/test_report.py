@@ -1,0 +1,79 @@
+"""The report's pure parts: seed statistics, the paper's claims, REPRODUCTION.md blocks.
+(The report over a real run of the DAG is checked in test_pipeline.py.)"""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deepfusion_cli.main import app
+from pipeline.plan import build_plan
+from pipeline.report import check_claims, summarize, update_document
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = REPO / "stages.yaml"
+
+
+def row(setting, replica, acc, reach=None):
+    return {"setting": setting, "replica": replica, "description": "", "train_nodes": 1,
+            "train_steps": 8, "paper_accuracy": None, "paper_train_nodes": None,
+            "eval_accuracy": acc, "eval_loss": 1.0, "flops": 100.0, "wall_s": 1.0,
+            "flops_to_baseline_acc": reach, "saving_vs_baseline": reach and 1 - reach / 100}
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    return build_plan(STAGES, "smoke", tmp_path_factory.mktemp("runs"))
+
+
+def test_summary_averages_seeds_and_counts_who_reached_the_baseline(plan):
+    rows = [row("1", 0, 0.30, 100.0), row("1", 1, 0.32, 100.0),
+            row("5", 0, 0.34, 70.0), row("5", 1, 0.36, None)]
+    one, five = summarize(plan, rows)
+    assert one["replicas"] == 2 and one["eval_accuracy"] == pytest.approx(0.31)
+    assert one["accuracy_sd"] == pytest.approx(0.0141421, rel=1e-5)
+    assert five["reached"] == 1 and five["saving_vs_baseline"] == pytest.approx(0.3)
+
+
+def test_claims_are_checked_on_mean_accuracies(plan):
+    accs = {"1": 0.30, "2": 0.31, "3": 0.33, "4": 0.35, "5": 0.331, "6": 0.29}
+    rows = [row(k, 0, a, 80.0 if k == "5" else None) for k, a in accs.items()]
+    claims = {c["claim"]: c for c in check_claims(plan, summarize(plan, rows))}
+    beats, close, repeated, best, saving = claims.values()
+    assert beats["holds"] == "4 of 5" and "6: -1.00" in beats["measured"]
+    assert close["holds"] == "yes" and "+0.10" in close["measured"]  # 5 - 3, within 0.5
+    assert repeated["holds"] == "yes"
+    assert best["holds"] == "yes" and "next 5: 33.10" in best["measured"]
+    assert saving["holds"] == "yes" and "+20%" in saving["measured"]
+    rows[4] = row("5", 0, 0.331, None)  # setting 5 never reaches the baseline
+    saving = check_claims(plan, summarize(plan, rows))[4]
+    assert saving["holds"] == "no" and "never reached" in saving["measured"]
+
+
+def test_a_claim_on_a_setting_without_runs_is_undecided(plan):
+    claims = check_claims(plan, summarize(plan, [row("1", 0, 0.3)]))
+    assert {c["holds"] for c in claims} == {"—"}
+
+
+def test_update_document_rewrites_only_its_block(plan, tmp_path):
+    doc = tmp_path / "REPRODUCTION.md"
+    doc.write_text("intro\n<!-- report stages.yaml smoke -->\nold\n<!-- end report -->\n"
+                   "<!-- report stages.yaml tiny -->\nkeep\n<!-- end report -->\n")
+    md, png = tmp_path / "r.md", tmp_path / "c.png"
+    md.write_text("| table |\n")
+    png.write_bytes(b"png")
+    assert update_document(doc, plan, {"markdown": str(md), "plot": str(png)})
+    text = doc.read_text()
+    assert "old" not in text and "| table |" in text and "keep" in text
+    assert "![six-settings at smoke](figures/six-settings-smoke.png)" in text
+    assert (tmp_path / "figures" / "six-settings-smoke.png").read_bytes() == b"png"
+
+
+def test_report_into_a_document_without_the_block_fails_in_one_line(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("no blocks\n")
+    result = CliRunner().invoke(app, ["report", str(STAGES), "--profile", "smoke",
+                                      "--runs-dir", str(tmp_path), "--into", str(doc)])
+    assert result.exit_code == 2
+    assert "has no block '<!-- report stages.yaml smoke -->'" in result.output
+    assert doc.read_text() == "no blocks\n" and not (tmp_path / "six-settings").exists()
