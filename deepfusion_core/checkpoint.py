@@ -11,6 +11,10 @@ before reading any array: Orbax alone restores whatever subset of a tree it find
 
 A training workdir holds the same items per step under `checkpoints/<step>/`; `load_model`
 on a workdir (or its `checkpoints/`) loads the latest complete step.
+
+Arrays are written without Orbax's default zstd compression: on weights it saved 8% of the
+bytes and halved the restore throughput (BENCHMARKS.md, `bench checkpoint`). Orbax reads the
+compression from each array's metadata, so older compressed checkpoints still load.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from deepfusion_core.config import T5Config
 from deepfusion_core.model import Params, param_shapes
 
 
+def array_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler (OCDBT, one file set per process) without zstd compression."""
+    return ocp.PyTreeCheckpointHandler(use_compression=False)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or inconsistent with its config."""
 
@@ -38,7 +47,9 @@ def save_model(path: str | Path, cfg: T5Config, params: Params, overwrite: bool 
                  where="params to save")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
-    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+    handler = ocp.CompositeCheckpointHandler(params=array_handler(),
+                                             config=ocp.JsonCheckpointHandler())
+    ocp.Checkpointer(handler).save(
         path, ocp.args.Composite(config=ocp.args.JsonSave(cfg.model_dump(mode="json")),
                                  params=ocp.args.PyTreeSave(params)),
         force=overwrite)

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from deepfusion_core.checkpoint import CheckpointError, check_params
+from deepfusion_core.checkpoint import CheckpointError, array_handler, check_params
 from deepfusion_core.config import T5Config
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,7 @@ def open_manager(workdir: Path, keep_last: int, keep_every: int | None,
         max_to_keep=keep_last, keep_period=keep_every, create=True,
         enable_async_checkpointing=async_save)
     # Handlers named up front, so a fresh process can read metadata before any restore.
-    handlers = {"params": ocp.StandardCheckpointHandler(),
-                "opt_state": ocp.StandardCheckpointHandler(),
+    handlers = {"params": array_handler(), "opt_state": array_handler(),
                 "config": ocp.JsonCheckpointHandler(), "train_state": ocp.JsonCheckpointHandler()}
     # Absolute: Orbax's async writers refuse a relative path (`deepfusion run` defaults to the
     # relative runs/), and only fail in a background thread at the first save.
@@ -49,8 +48,8 @@ def save(manager: ocp.CheckpointManager, step: int, cfg: T5Config, state: dict,
          train_state: dict, force: bool = False) -> None:
     """Start saving `state` ({"params", "opt_state"}) at `step` (asynchronously)."""
     manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        params=ocp.args.PyTreeSave(state["params"]),
+        opt_state=ocp.args.PyTreeSave(state["opt_state"]),
         config=ocp.args.JsonSave(cfg.model_dump(mode="json")),
         train_state=ocp.args.JsonSave(train_state)), force=force)
 
@@ -75,8 +74,8 @@ def restore_latest(manager: ocp.CheckpointManager, cfg: T5Config, abstract_state
             check_params(cfg, getattr(stored_params, "tree", stored_params),
                          where=f"checkpoint step {step}")
             restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state["params"]),
-                opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+                params=_restore_onto(abstract_state["params"]),
+                opt_state=_restore_onto(abstract_state["opt_state"]),
                 train_state=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back the same way
             nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"
@@ -89,6 +88,12 @@ def restore_latest(manager: ocp.CheckpointManager, cfg: T5Config, abstract_state
         raise CheckpointError(f"no readable checkpoint in {manager.directory} "
                               f"(steps {sorted(steps)} all failed)")
     return None
+
+
+def _restore_onto(abstract: Any) -> ocp.args.PyTreeRestore:
+    """Restore arguments that put each array straight onto its sharding."""
+    return ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
