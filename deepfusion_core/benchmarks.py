@@ -204,6 +204,11 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, inputs_length: int =
             "estimate_over_xla": round(estimate["total"] / xla_total, 2), "machine": machine()}
 
 
+# The Orbax settings `save_model` does not use, measured beside it (params alone).
+ORBAX_VARIANTS = {"orbax_zstd": {"use_compression": True},  # Orbax's default
+                  "orbax_no_ocdbt": {"use_ocdbt": False, "use_compression": False}}
+
+
 def _write_npy(path: Path, array, durable: bool) -> None:
     with path.open("wb") as f:
         np.save(f, array)
@@ -224,6 +229,8 @@ def bench_checkpoint(preset: str = "cpu-L", directory: str | None = None,
     import shutil
     import tempfile
 
+    import orbax.checkpoint as ocp
+
     from deepfusion_core.checkpoint import load_model, save_model
 
     cfg = PRESETS[preset]
@@ -232,7 +239,7 @@ def bench_checkpoint(preset: str = "cpu-L", directory: str | None = None,
     nbytes = _tree_bytes(params)
     root = Path(tempfile.mkdtemp(prefix="deepfusion-bench-ckpt-", dir=directory))
     times = {"orbax_save": [], "orbax_restore": [], "raw_write": [], "raw_write_cached": [],
-             "raw_read": []}
+             "raw_read": [], **{f"{v}_{op}": [] for v in ORBAX_VARIANTS for op in ("save", "restore")}}
     try:
         for i in range(repeats):
             start = time.perf_counter()
@@ -241,6 +248,16 @@ def bench_checkpoint(preset: str = "cpu-L", directory: str | None = None,
             start = time.perf_counter()
             jax.block_until_ready(load_model(root / f"orbax{i}")[1])
             times["orbax_restore"].append(time.perf_counter() - start)
+            for variant, options in ORBAX_VARIANTS.items():
+                checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options))
+                start = time.perf_counter()
+                checkpointer.save(root / f"{variant}{i}", args=ocp.args.PyTreeSave(params))
+                times[f"{variant}_save"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                checkpointer.restore(root / f"{variant}{i}", args=ocp.args.PyTreeRestore(
+                    restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                              params)))
+                times[f"{variant}_restore"].append(time.perf_counter() - start)
             for kind, durable in (("raw_write", True), ("raw_write_cached", False)):
                 raw = root / f"{kind}{i}"
                 raw.mkdir()

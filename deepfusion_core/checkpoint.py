@@ -31,9 +31,18 @@ from deepfusion_core.config import T5Config
 from deepfusion_core.model import Params, param_shapes
 
 
-def array_handler() -> ocp.PyTreeCheckpointHandler:
-    """Orbax's pytree handler (OCDBT, one file set per process) without zstd compression."""
-    return ocp.PyTreeCheckpointHandler(use_compression=False)
+def item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """Orbax handlers of every item a model or training checkpoint holds. Arrays use the
+    pytree handler (OCDBT: one file set per process) without zstd compression."""
+    return {"params": ocp.PyTreeCheckpointHandler(use_compression=False),
+            "opt_state": ocp.PyTreeCheckpointHandler(use_compression=False),
+            "config": ocp.JsonCheckpointHandler(), "train_state": ocp.JsonCheckpointHandler()}
+
+
+def _model_checkpointer() -> ocp.Checkpointer:
+    # Items are read through the composite, which knows them all (a training step also holds
+    # opt_state and train_state); `params/` read on its own makes Orbax warn.
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**item_handlers()))
 
 
 class CheckpointError(ValueError):
@@ -47,9 +56,7 @@ def save_model(path: str | Path, cfg: T5Config, params: Params, overwrite: bool 
                  where="params to save")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
-    handler = ocp.CompositeCheckpointHandler(params=array_handler(),
-                                             config=ocp.JsonCheckpointHandler())
-    ocp.Checkpointer(handler).save(
+    _model_checkpointer().save(
         path, ocp.args.Composite(config=ocp.args.JsonSave(cfg.model_dump(mode="json")),
                                  params=ocp.args.PyTreeSave(params)),
         force=overwrite)
@@ -116,9 +123,11 @@ def load_model(path: str | Path) -> tuple[T5Config, Params]:
     """
     path = model_dir(path)
     cfg = _read_config(path)
-    pytree = ocp.PyTreeCheckpointer()
-    stored = pytree.metadata(path / "params").item_metadata.tree
+    checkpointer = _model_checkpointer()
+    stored = checkpointer.metadata(path).item_metadata["params"]
+    stored = getattr(stored, "tree", stored)
     check_params(cfg, stored, where=f"checkpoint {path}")
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-    params = pytree.restore(path / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    return cfg, params
+    restored = checkpointer.restore(path, args=ocp.args.Composite(
+        params=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    return cfg, restored.params

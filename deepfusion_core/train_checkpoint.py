@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from deepfusion_core.checkpoint import CheckpointError, array_handler, check_params
+from deepfusion_core.checkpoint import CheckpointError, check_params, item_handlers
 from deepfusion_core.config import T5Config
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,10 @@ def open_manager(workdir: Path, keep_last: int, keep_every: int | None,
         max_to_keep=keep_last, keep_period=keep_every, create=True,
         enable_async_checkpointing=async_save)
     # Handlers named up front, so a fresh process can read metadata before any restore.
-    handlers = {"params": array_handler(), "opt_state": array_handler(),
-                "config": ocp.JsonCheckpointHandler(), "train_state": ocp.JsonCheckpointHandler()}
     # Absolute: Orbax's async writers refuse a relative path (`deepfusion run` defaults to the
     # relative runs/), and only fail in a background thread at the first save.
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
-                                 item_handlers=handlers)
+                                 item_handlers=item_handlers())
 
 
 def save(manager: ocp.CheckpointManager, step: int, cfg: T5Config, state: dict,

@@ -164,7 +164,7 @@ def test_an_undefined_profile_is_exit_2(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [
         f"error: {SHIPPED}: profile 'huge' is not defined "
-        f"(profiles: smoke, tiny, c4-tiny, small, paper, paper-8gpu)"]
+        f"(profiles: smoke, tiny, c4-tiny, c4-cpu, small, paper, paper-8gpu)"]
     assert not runs.exists() and after == before
 
 
@@ -182,10 +182,11 @@ def test_the_shipped_stages_file_is_valid(profile, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_shipped_stages_file_is_valid_on_real_c4(shared_data, tmp_path):
-    plan = build_plan(SHIPPED, "c4-tiny", runs_dir=tmp_path / "runs")
+@pytest.mark.parametrize("profile, replicas", [("c4-tiny", 3), ("c4-cpu", 1)])
+def test_the_shipped_stages_file_is_valid_on_real_c4(shared_data, tmp_path, profile, replicas):
+    plan = build_plan(SHIPPED, profile, runs_dir=tmp_path / "runs")
     kinds = [n.kind for n in plan.nodes.values()]
-    assert (kinds.count("train"), kinds.count("fuse")) == (15, 8)
+    assert (kinds.count("train"), kinds.count("fuse")) == (15 * replicas, 8 * replicas)
     assert plan.nodes["S1"].model.vocab_size == 32128
 
 
