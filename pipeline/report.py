@@ -249,7 +249,8 @@ def write_report(plan: Plan) -> dict:
             **{k: str(v) for k, v in paths.items()}}
 
 
-_BLOCK = re.compile(r"(<!-- report (?P<key>\S+ \S+) -->\n).*?(<!-- end report -->)", re.DOTALL)
+_BLOCK = re.compile(r"^(<!-- report (?P<key>\S+ \S+) -->\n).*?^(<!-- end report -->)$",
+                    re.DOTALL | re.MULTILINE)
 
 
 def _blocks(text: str, plan: Plan) -> list[re.Match]:

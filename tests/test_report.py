@@ -1,6 +1,7 @@
 """The report's pure parts: seed statistics, the paper's claims, REPRODUCTION.md blocks.
 (The report over a real run of the DAG is checked in test_pipeline.py.)"""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 from deepfusion_cli.main import app
 from pipeline.plan import build_plan
 from pipeline.report import check_claims, summarize, update_document
+from pipeline.spec import load_stages
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages.yaml"
@@ -77,3 +79,11 @@ def test_report_into_a_document_without_the_block_fails_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert "has no block '<!-- report stages.yaml smoke -->'" in result.output
     assert doc.read_text() == "no blocks\n" and not (tmp_path / "six-settings").exists()
+
+
+def test_every_reproduction_block_names_a_stages_file_and_profile_that_exist():
+    blocks = re.findall(r"^<!-- report (\S+) (\S+) -->$", (REPO / "REPRODUCTION.md").read_text(),
+                        re.MULTILINE)
+    assert len(blocks) == 4
+    for stages, profile in blocks:
+        assert profile in load_stages(REPO / stages).profiles, (stages, profile)
