@@ -192,6 +192,12 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
             f"{_fmt(r['flops'], 'flops')} | {_fmt(r['wall_s'], 's')} | {reach} | "
             f"{_fmt(r['saving_vs_baseline'], 'saving')} | {_fmt(r['paper_accuracy'])} | "
             f"{_fmt(r['paper_train_nodes'])} |")
+    done = [store.done_record(n.dir) for n in plan.nodes.values() if n.kind == "train"]
+    done = [d for d in done if d is not None]
+    lines += ["", f"{len(done)} of {sum(n.kind == 'train' for n in plan.nodes.values())} train "
+              f"nodes done ({plan.replicas} seed{'s' if plan.replicas > 1 else ''}); their "
+              f"training took {sum(d['wall_s'] for d in done) / 60:.0f} min of wall time and "
+              f"{sum(d['flops'] for d in done):.3g} FLOPs in all."]
     if claims:
         lines += ["", "| the paper's claim | measured here | holds | largest seed sd |",
                   "|---|---|---|---|"]
