@@ -305,23 +305,20 @@ def _boxed_init(cfg: T5Config, seed: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_param_shapes(cfg: T5Config) -> Params:
-    return nn.meta.unbox(jax.eval_shape(functools.partial(_boxed_init, cfg, 0)))
+def _abstract_boxed_params(cfg: T5Config):
+    # Tracing the model takes ~0.3 s and every save, load and plan (per node) asks.
+    return jax.eval_shape(functools.partial(_boxed_init, cfg, 0))
 
 
 def param_shapes(cfg: T5Config) -> Params:
-    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating.
-
-    Tracing the model takes ~0.3 s and every save, load and plan asks: the shapes are cached
-    per config, and each caller gets its own copy of the tree.
-    """
-    return jax.tree.map(lambda s: s, _cached_param_shapes(cfg))
+    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating (cached per
+    config; each caller gets its own copy of the tree)."""
+    return nn.meta.unbox(_abstract_boxed_params(cfg))
 
 
 def param_axes(cfg: T5Config) -> Params:
     """The logical axis names of every parameter (a tree of tuples, same structure)."""
-    boxed = jax.eval_shape(functools.partial(_boxed_init, cfg, 0))
-    return jax.tree.map(lambda b: tuple(b.names), boxed,
+    return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed_params(cfg),
                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
