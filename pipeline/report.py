@@ -103,6 +103,8 @@ def summarize(plan: Plan, rows: list[dict]) -> list[dict]:
             "eval_accuracy": statistics.fmean(accs),
             "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
             "eval_loss": _mean([r["eval_loss"] for r in mine]),
+            "loss_sd": (statistics.stdev([r["eval_loss"] for r in mine])
+                        if len(mine) > 1 else None),
             "flops": _mean([r["flops"] for r in mine]),
             "wall_s": _mean([r["wall_s"] for r in mine]),
             "flops_to_baseline_acc": _mean([r["flops_to_baseline_acc"] for r in mine]),
@@ -113,42 +115,50 @@ def summarize(plan: Plan, rows: list[dict]) -> list[dict]:
 
 
 def check_claims(plan: Plan, summary: list[dict]) -> list[dict]:
-    """Each claim of the stages file against the mean accuracies: what was measured, whether
-    it holds ("yes", "no", or "—" while a setting it names has no done run), and the largest
-    seed standard deviation among the settings it names (differences below it are noise)."""
+    """Each claim of the stages file against the settings' mean final accuracy or loss: what
+    was measured, whether it holds ("yes", "no", or "—" while a setting it names has no done
+    run), and the largest seed standard deviation among the settings it names (differences
+    below it are noise)."""
     by = {s["setting"]: s for s in summary}
-    acc = {k: 100 * s["eval_accuracy"] for k, s in by.items()}
     results = []
     for c in plan.stages.claims:
         named = c.settings()
-        sds = [100 * by[k]["accuracy_sd"] for k in named if k in by and by[k]["accuracy_sd"]]
-        result = {"claim": c.claim, "measured": "", "holds": "—",
+        scale, unit, sign = (100, "points", 1) if c.metric == "accuracy" else (1, "nats", -1)
+        value = {k: scale * s[f"eval_{c.metric}"] for k, s in by.items()}
+        sds = [scale * by[k][f"{c.metric}_sd"] for k in named
+               if k in by and by[k][f"{c.metric}_sd"] is not None]
+        result = {"claim": c.claim, "metric": c.metric, "measured": "", "holds": "—",
                   "seed_sd": max(sds) if sds else None}
         if all(k in by for k in named):
-            if c.higher is not None:
-                diffs = {k: acc[k] - acc[c.than] for k in c.higher}
-                result["measured"] = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs.items()) + \
-                    f" points vs {c.than}"
-                result["holds"] = _verdict(sum(d > 0 for d in diffs.values()), len(diffs))
-            elif c.best is not None:
-                others = max((k for k in by if k != c.best), key=acc.get, default=None)
-                d = acc[c.best] - acc[others] if others else 0.0
-                result["measured"] = f"{c.best}: {acc[c.best]:.2f}, next {others}: " \
-                    f"{acc.get(others, float('nan')):.2f} ({d:+.2f})"
-                result["holds"] = "yes" if d > 0 else "no"
-            elif c.close is not None:
-                a, b = c.close
-                d = acc[a] - acc[b]
-                result["measured"] = f"{a} - {b} = {d:+.2f} points (within {c.within:g}?)"
-                result["holds"] = "yes" if abs(d) <= c.within else "no"
-            else:
-                saving = by[c.saving]["saving_vs_baseline"]
-                result["measured"] = ("never reached the baseline's accuracy" if saving is None
-                                      else f"{c.saving} saves {100 * saving:+.0f}% "
-                                           f"(claim: >= {100 * c.at_least:.0f}%)")
-                result["holds"] = "yes" if saving is not None and saving >= c.at_least else "no"
+            result.update(_test(c, value, sign, unit, by, ".2f" if sign > 0 else ".3f"))
         results.append(result)
     return results
+
+
+def _test(c, value: dict[str, float], sign: int, unit: str, by: dict, f: str) -> dict:
+    """One claim's measurement; `sign` is +1 where higher is better (accuracy), -1 (loss);
+    `f` formats the values."""
+    if c.better is not None:
+        diffs = {k: value[k] - value[c.than] for k in c.better}
+        return {"measured": ", ".join(f"{k}: {d:+{f}}" for k, d in diffs.items())
+                + f" {unit} vs {c.than}",
+                "holds": _verdict(sum(sign * d > 0 for d in diffs.values()), len(diffs))}
+    if c.best is not None:
+        runner_up = max((k for k in value if k != c.best), key=lambda k: sign * value[k],
+                        default=None)
+        d = value[c.best] - value[runner_up] if runner_up else 0.0
+        return {"measured": f"{c.best}: {value[c.best]:{f}}, next {runner_up}: "
+                            f"{value.get(runner_up, float('nan')):{f}} ({d:+{f}})",
+                "holds": "yes" if sign * d > 0 else "no"}
+    if c.close is not None:
+        a, b = c.close
+        d = value[a] - value[b]
+        return {"measured": f"{a} - {b} = {d:+{f}} {unit} (within {c.within:g}?)",
+                "holds": "yes" if abs(d) <= c.within else "no"}
+    saving = by[c.saving]["saving_vs_baseline"]
+    return {"measured": "never reached the baseline's accuracy" if saving is None
+            else f"{c.saving} saves {100 * saving:+.0f}% (claim: >= {100 * c.at_least:.0f}%)",
+            "holds": "yes" if saving is not None and saving >= c.at_least else "no"}
 
 
 def _verdict(passed: int, total: int) -> str:
@@ -199,9 +209,9 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
               f"training took {sum(d['wall_s'] for d in done) / 60:.0f} min of wall time and "
               f"{sum(d['flops'] for d in done):.3g} FLOPs in all."]
     if claims:
-        lines += ["", "| the paper's claim | measured here | holds | largest seed sd |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['claim']} | {c['measured'] or '—'} | {c['holds']} | "
+        lines += ["", "| the paper's claim | by | measured here | holds | largest seed sd |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['metric']} | {c['measured'] or '—'} | {c['holds']} | "
                   f"{_fmt(c['seed_sd'], 'sd')} |" for c in claims]
     return "\n".join(lines) + "\n"
 

@@ -176,31 +176,35 @@ class Setting(_Strict):
 
 
 class Claim(_Strict):
-    """A statement of the paper that the report checks on the runs, by final accuracy:
-    `higher` settings each beat `than`; `best` beats every other setting; `close` settings are
-    within `within` points; `saving` saves at least `at_least` of the baseline's compute."""
+    """A statement of the paper that the report checks on the runs' final `metric` (mean over
+    seeds): `better` settings each beat `than`; `best` beats every other setting; `close`
+    settings are within `within` (accuracy points or loss nats); `saving` saves at least
+    `at_least` of the baseline's compute to reach its accuracy."""
 
     claim: str
-    higher: list[str] | None = None
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    better: list[str] | None = None
     than: str | None = None
     best: str | None = None
     close: list[str] | None = Field(default=None, min_length=2, max_length=2)
-    within: float = Field(default=0.5, gt=0)  # accuracy points
+    within: float = Field(default=0.5, gt=0)
     saving: str | None = None
     at_least: float = Field(default=0.0)
 
     @model_validator(mode="after")
     def _one_test(self):
-        tests = [t for t in ("higher", "best", "close", "saving") if getattr(self, t) is not None]
+        tests = [t for t in ("better", "best", "close", "saving") if getattr(self, t) is not None]
         if len(tests) != 1:
-            raise ValueError("a claim has exactly one of higher (with than), best, close, saving")
-        if (self.higher is None) != (self.than is None):
-            raise ValueError("'higher' and 'than' go together")
+            raise ValueError("a claim has exactly one of better (with than), best, close, saving")
+        if (self.better is None) != (self.than is None):
+            raise ValueError("'better' and 'than' go together")
+        if self.saving is not None and self.metric != "accuracy":
+            raise ValueError("a saving is measured to the baseline's accuracy (metric: accuracy)")
         return self
 
     def settings(self) -> list[str]:
         """The setting labels the claim names."""
-        return [*(self.higher or []), *([self.than] if self.than else []),
+        return [*(self.better or []), *([self.than] if self.than else []),
                 *([self.best] if self.best else []), *(self.close or []),
                 *([self.saving] if self.saving else [])]
 

@@ -37,18 +37,22 @@ def test_summary_averages_seeds_and_counts_who_reached_the_baseline(plan):
     assert five["reached"] == 1 and five["saving_vs_baseline"] == pytest.approx(0.3)
 
 
-def test_claims_are_checked_on_mean_accuracies(plan):
+def test_claims_are_checked_on_mean_accuracy_and_loss(plan):
     accs = {"1": 0.30, "2": 0.31, "3": 0.33, "4": 0.35, "5": 0.331, "6": 0.29}
     rows = [row(k, 0, a, 80.0 if k == "5" else None) for k, a in accs.items()]
-    claims = {c["claim"]: c for c in check_claims(plan, summarize(plan, rows))}
-    beats, close, repeated, best, saving = claims.values()
+    for r in rows:  # the loss ranks 6 best and 4 worst: the opposite of the accuracy
+        r["eval_loss"] = {"6": 4.0, "4": 6.0}.get(r["setting"], 5.0)
+    claims = check_claims(plan, summarize(plan, rows))
+    beats, beats_loss, close, repeated, repeated_loss, best, best_loss, saving = claims
     assert beats["holds"] == "4 of 5" and "6: -1.00" in beats["measured"]
+    assert beats_loss["holds"] == "1 of 5" and "6: -1.000 nats" in beats_loss["measured"]
     assert close["holds"] == "yes" and "+0.10" in close["measured"]  # 5 - 3, within 0.5
-    assert repeated["holds"] == "yes"
+    assert repeated["holds"] == "yes" and repeated_loss["holds"] == "no"
     assert best["holds"] == "yes" and "next 5: 33.10" in best["measured"]
+    assert best_loss["holds"] == "no" and "next 6: 4.000" in best_loss["measured"]
     assert saving["holds"] == "yes" and "+20%" in saving["measured"]
     rows[4] = row("5", 0, 0.331, None)  # setting 5 never reaches the baseline
-    saving = check_claims(plan, summarize(plan, rows))[4]
+    saving = check_claims(plan, summarize(plan, rows))[-1]
     assert saving["holds"] == "no" and "never reached" in saving["measured"]
 
 
