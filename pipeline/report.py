@@ -178,36 +178,40 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
     lines = [
         f"### {plan.stages.name} at profile `{plan.profile}`",
         "",
-        "Accuracy: validation token accuracy in %, the mean over seeds (± their standard "
-        "deviation). Compute counts every ancestor once. \"To baseline acc.\" is the compute "
-        f"until the final model first reaches the final accuracy of the baseline (`{baseline}`, "
-        "same seed), averaged over the seeds that reach it; the saving is against the "
-        "baseline's total.",
+        ("Accuracy: validation token accuracy in %, and loss: validation loss per target "
+         "token, each the mean over seeds (± their standard deviation). Compute counts every "
+         "ancestor once. \"To baseline acc.\" is the compute until the final model first "
+         f"reaches the final accuracy of the baseline (`{baseline}`, same seed), averaged over "
+         "the seeds that reach it; the saving is against the baseline's total."),
         "",
-        "| setting | how the model is made | accuracy | loss | seeds | train nodes | steps "
-        "| FLOPs | wall s | FLOPs to baseline acc. | saving | paper accuracy | "
-        "paper train nodes |",
+        ("| setting | how the model is made | accuracy | loss | seeds | train nodes | steps "
+         "| FLOPs | wall s | FLOPs to baseline acc. | saving | paper accuracy | "
+         "paper train nodes |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         acc = _fmt(r["eval_accuracy"], "pct")
         if r["accuracy_sd"] is not None:
             acc += f" ± {100 * r['accuracy_sd']:.2f}"
+        loss = _fmt(r["eval_loss"], "loss")
+        if r["loss_sd"] is not None:
+            loss += f" ± {r['loss_sd']:.4f}"
         reach = _fmt(r["flops_to_baseline_acc"], "flops")
         if r["reached"] and r["reached"] < r["replicas"]:
             reach += f" ({r['reached']} of {r['replicas']})"
         lines.append(
-            f"| {r['setting']} | {r['description']} | {acc} | {_fmt(r['eval_loss'], 'loss')} | "
+            f"| {r['setting']} | {r['description']} | {acc} | {loss} | "
             f"{r['replicas']} | {r['train_nodes']} | {r['train_steps']} | "
             f"{_fmt(r['flops'], 'flops')} | {_fmt(r['wall_s'], 's')} | {reach} | "
             f"{_fmt(r['saving_vs_baseline'], 'saving')} | {_fmt(r['paper_accuracy'])} | "
             f"{_fmt(r['paper_train_nodes'])} |")
     done = [store.done_record(n.dir) for n in plan.nodes.values() if n.kind == "train"]
     done = [d for d in done if d is not None]
-    lines += ["", f"{len(done)} of {sum(n.kind == 'train' for n in plan.nodes.values())} train "
-              f"nodes done ({plan.replicas} seed{'s' if plan.replicas > 1 else ''}); their "
-              f"training took {sum(d['wall_s'] for d in done) / 60:.0f} min of wall time and "
-              f"{sum(d['flops'] for d in done):.3g} FLOPs in all."]
+    total = sum(n.kind == "train" for n in plan.nodes.values())
+    lines += ["", (f"{len(done)} of {total} train nodes done ({plan.replicas} "
+                   f"seed{'s' if plan.replicas > 1 else ''}); their training took "
+                   f"{sum(d['wall_s'] for d in done) / 60:.0f} min of wall time and "
+                   f"{sum(d['flops'] for d in done):.3g} FLOPs in all.")]
     if claims:
         lines += ["", "| the paper's claim | by | measured here | holds | largest seed sd |",
                   "|---|---|---|---|---|"]
