@@ -205,8 +205,8 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, inputs_length: int =
 
 
 # The Orbax settings `save_model` does not use, measured beside it (params alone).
-ORBAX_VARIANTS = {"orbax_zstd": {"use_compression": True},  # Orbax's default
-                  "orbax_no_ocdbt": {"use_ocdbt": False, "use_compression": False}}
+ORBAX_VARIANTS = {"orbax_default": {},  # OCDBT and zstd
+                  "orbax_ocdbt": {"use_compression": False}}
 
 
 def _write_npy(path: Path, array, durable: bool) -> None:

@@ -8,8 +8,8 @@ def test_bench_checkpoint_times_orbax_and_raw_io_of_the_same_bytes(tmp_path):
     r = bench_checkpoint("tiny-S", str(tmp_path), repeats=1)
     assert r["gb"] == round(count_params(PRESETS["tiny-S"]) * 4 / 1e9, 3)
     for key in ("orbax_save", "orbax_restore", "raw_write", "raw_write_cached", "raw_read",
-                "orbax_zstd_save", "orbax_zstd_restore", "orbax_no_ocdbt_save",
-                "orbax_no_ocdbt_restore"):
+                "orbax_default_save", "orbax_default_restore", "orbax_ocdbt_save",
+                "orbax_ocdbt_restore"):
         assert r[f"{key}_gb_per_s"] > 0
     assert r["save_over_raw"] > 0 and r["restore_over_raw"] > 0
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself
