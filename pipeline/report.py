@@ -9,7 +9,8 @@ once, as the paper counts "7M steps" for setting 4:
 - the train nodes and steps in its ancestry; their FLOPs and wall time added up;
 - the compute needed to first reach the baseline's final accuracy (same replica): the
   ancestors' compute plus the final node's compute up to its first evaluation at or above it;
-- the saving against the baseline's total compute.
+  the same for the baseline's final loss;
+- the savings against the baseline's total compute.
 
 The table gives the mean over the replicas that are done (± the sample standard deviation of
 the accuracy), the CSV one row per setting and replica. Writes
@@ -30,15 +31,16 @@ from pipeline.plan import Plan
 
 COLUMNS = ["setting", "replica", "node", "description", "eval_loss", "eval_accuracy",
            "train_nodes", "train_steps", "flops", "wall_s", "flops_to_baseline_acc",
-           "saving_vs_baseline", "paper_accuracy", "paper_train_nodes"]
-Curve = list[tuple[float, float]]
+           "saving_to_baseline_acc", "flops_to_baseline_loss", "saving_to_baseline_loss",
+           "paper_accuracy", "paper_train_nodes"]
+Curve = list[tuple[float, float, float]]  # (cumulative FLOPs, accuracy, loss) per evaluation
 
 
 def _curve(plan: Plan, name: str, prior_flops: float) -> Curve:
-    """(cumulative FLOPs, accuracy) at each evaluation of node `name`."""
+    """(cumulative FLOPs, accuracy, loss) at each evaluation of node `name`."""
     node = plan.nodes[name]
     per_step = node.flops / node.train.steps
-    return [(prior_flops + r["step"] * per_step, r["eval_accuracy"])
+    return [(prior_flops + r["step"] * per_step, r["eval_accuracy"], r["eval_loss"])
             for r in read_metrics(node.dir / "metrics.jsonl") if r["kind"] == "eval"]
 
 
@@ -70,14 +72,18 @@ def replica_rows(plan: Plan) -> tuple[list[dict], dict[tuple[str, int], Curve]]:
     for row in rows:
         base = next((r for r in rows if r["setting"] == plan.stages.baseline
                      and r["replica"] == row["replica"]), None)
-        reach = None
-        if base is row:  # by definition: a noisy earlier evaluation may top its final one
-            reach = row["flops"]
-        elif base is not None:
-            reach = next((f for f, acc in curves[row["setting"], row["replica"]]
-                          if acc >= base["eval_accuracy"]), None)
-        row["flops_to_baseline_acc"] = reach
-        row["saving_vs_baseline"] = (1 - reach / base["flops"]) if reach is not None else None
+        curve = curves[row["setting"], row["replica"]]
+        for metric, key, reached in (
+                ("acc", "eval_accuracy", lambda point, target: point[1] >= target),
+                ("loss", "eval_loss", lambda point, target: point[2] <= target)):
+            reach = None
+            if base is row:  # by definition: a noisy earlier evaluation may beat its last
+                reach = row["flops"]
+            elif base is not None:
+                reach = next((p[0] for p in curve if reached(p, base[key])), None)
+            row[f"flops_to_baseline_{metric}"] = reach
+            row[f"saving_to_baseline_{metric}"] = (1 - reach / base["flops"]
+                                                   if reach is not None else None)
     return rows, curves
 
 
@@ -107,9 +113,10 @@ def summarize(plan: Plan, rows: list[dict]) -> list[dict]:
                         if len(mine) > 1 else None),
             "flops": _mean([r["flops"] for r in mine]),
             "wall_s": _mean([r["wall_s"] for r in mine]),
-            "flops_to_baseline_acc": _mean([r["flops_to_baseline_acc"] for r in mine]),
-            "saving_vs_baseline": _mean([r["saving_vs_baseline"] for r in mine]),
-            "reached": sum(r["flops_to_baseline_acc"] is not None for r in mine),
+            **{f"{k}_{m}": _mean([r[f"{k}_{m}"] for r in mine])
+               for k in ("flops_to_baseline", "saving_to_baseline") for m in ("acc", "loss")},
+            **{f"reached_{m}": sum(r[f"flops_to_baseline_{m}"] is not None for r in mine)
+               for m in ("acc", "loss")},
         })
     return out
 
@@ -155,8 +162,8 @@ def _test(c, value: dict[str, float], sign: int, unit: str, by: dict, f: str) ->
         d = value[a] - value[b]
         return {"measured": f"{a} - {b} = {d:+{f}} {unit} (within {c.within:g}?)",
                 "holds": "yes" if abs(d) <= c.within else "no"}
-    saving = by[c.saving]["saving_vs_baseline"]
-    return {"measured": "never reached the baseline's accuracy" if saving is None
+    saving = by[c.saving]["saving_to_baseline_acc" if sign > 0 else "saving_to_baseline_loss"]
+    return {"measured": f"never reached the baseline's {c.metric}" if saving is None
             else f"{c.saving} saves {100 * saving:+.0f}% (claim: >= {100 * c.at_least:.0f}%)",
             "holds": "yes" if saving is not None and saving >= c.at_least else "no"}
 
@@ -180,14 +187,14 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
         "",
         ("Accuracy: validation token accuracy in %, and loss: validation loss per target "
          "token, each the mean over seeds (± their standard deviation). Compute counts every "
-         "ancestor once. \"To baseline acc.\" is the compute until the final model first "
-         f"reaches the final accuracy of the baseline (`{baseline}`, same seed), averaged over "
-         "the seeds that reach it; the saving is against the baseline's total."),
+         "ancestor once. \"To baseline acc.\" (\"loss\") is the compute until the final model "
+         f"first reaches the final accuracy (loss) of the baseline (`{baseline}`, same seed), "
+         "averaged over the seeds that reach it; each saving is against the baseline's total."),
         "",
         ("| setting | how the model is made | accuracy | loss | seeds | train nodes | steps "
-         "| FLOPs | wall s | FLOPs to baseline acc. | saving | paper accuracy | "
-         "paper train nodes |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "| FLOPs | wall s | FLOPs to baseline acc. | saving | FLOPs to baseline loss | saving "
+         "| paper accuracy | paper train nodes |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         acc = _fmt(r["eval_accuracy"], "pct")
@@ -196,14 +203,15 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
         loss = _fmt(r["eval_loss"], "loss")
         if r["loss_sd"] is not None:
             loss += f" ± {r['loss_sd']:.4f}"
-        reach = _fmt(r["flops_to_baseline_acc"], "flops")
-        if r["reached"] and r["reached"] < r["replicas"]:
-            reach += f" ({r['reached']} of {r['replicas']})"
+        reach = {m: _fmt(r[f"flops_to_baseline_{m}"], "flops")
+                 + (f" ({r[f'reached_{m}']} of {r['replicas']})"
+                    if 0 < r[f"reached_{m}"] < r["replicas"] else "") for m in ("acc", "loss")}
         lines.append(
             f"| {r['setting']} | {r['description']} | {acc} | {loss} | "
             f"{r['replicas']} | {r['train_nodes']} | {r['train_steps']} | "
-            f"{_fmt(r['flops'], 'flops')} | {_fmt(r['wall_s'], 's')} | {reach} | "
-            f"{_fmt(r['saving_vs_baseline'], 'saving')} | {_fmt(r['paper_accuracy'])} | "
+            f"{_fmt(r['flops'], 'flops')} | {_fmt(r['wall_s'], 's')} | {reach['acc']} | "
+            f"{_fmt(r['saving_to_baseline_acc'], 'saving')} | {reach['loss']} | "
+            f"{_fmt(r['saving_to_baseline_loss'], 'saving')} | {_fmt(r['paper_accuracy'])} | "
             f"{_fmt(r['paper_train_nodes'])} |")
     done = [store.done_record(n.dir) for n in plan.nodes.values() if n.kind == "train"]
     done = [d for d in done if d is not None]
@@ -232,7 +240,7 @@ def plot_curves(plan: Plan, curves: dict[tuple[str, int], Curve], path: Path) ->
     colours = {label: f"C{i}" for i, label in enumerate(plan.stages.settings)}
     for (label, replica), points in curves.items():
         if points:
-            xs, ys = zip(*points)
+            xs, ys, _ = zip(*points)
             ax.plot(xs, [100 * y for y in ys], marker="o", markersize=2.5, linewidth=1.2,
                     color=colours[label], alpha=1.0 if replica == 0 else 0.45,
                     label=f"{label}: {plan.stages.settings[label].description}"

@@ -20,7 +20,8 @@ def row(setting, replica, acc, reach=None):
     return {"setting": setting, "replica": replica, "description": "", "train_nodes": 1,
             "train_steps": 8, "paper_accuracy": None, "paper_train_nodes": None,
             "eval_accuracy": acc, "eval_loss": 1.0, "flops": 100.0, "wall_s": 1.0,
-            "flops_to_baseline_acc": reach, "saving_vs_baseline": reach and 1 - reach / 100}
+            "flops_to_baseline_acc": reach, "saving_to_baseline_acc": reach and 1 - reach / 100,
+            "flops_to_baseline_loss": None, "saving_to_baseline_loss": None}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def test_summary_averages_seeds_and_counts_who_reached_the_baseline(plan):
     one, five = summarize(plan, rows)
     assert one["replicas"] == 2 and one["eval_accuracy"] == pytest.approx(0.31)
     assert one["accuracy_sd"] == pytest.approx(0.0141421, rel=1e-5)
-    assert five["reached"] == 1 and five["saving_vs_baseline"] == pytest.approx(0.3)
+    assert five["reached_acc"] == 1 and five["saving_to_baseline_acc"] == pytest.approx(0.3)
+    assert five["reached_loss"] == 0 and five["saving_to_baseline_loss"] is None
 
 
 def test_claims_are_checked_on_mean_accuracy_and_loss(plan):
