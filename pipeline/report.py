@@ -229,30 +229,38 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
 
 
 def plot_curves(plan: Plan, curves: dict[tuple[str, int], Curve], path: Path) -> None:
-    """Accuracy against cumulative training compute: one colour per setting, one line per
-    seed."""
+    """Accuracy and loss against cumulative training compute, side by side: one colour per
+    setting, one line per seed (the first seed solid)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     colours = {label: f"C{i}" for i, label in enumerate(plan.stages.settings)}
     for (label, replica), points in curves.items():
-        if points:
-            xs, ys, _ = zip(*points)
-            ax.plot(xs, [100 * y for y in ys], marker="o", markersize=2.5, linewidth=1.2,
-                    color=colours[label], alpha=1.0 if replica == 0 else 0.45,
+        points = [p for p in points if p[0] > 0]  # the log axis has no place for zero
+        if not points:
+            continue
+        xs, accs, losses = zip(*points)
+        style = {"marker": "o", "markersize": 2.5, "linewidth": 1.2, "color": colours[label],
+                 "alpha": 1.0 if replica == 0 else 0.45}
+        acc_ax.plot(xs, [100 * a for a in accs], **style,
                     label=f"{label}: {plan.stages.settings[label].description}"
                     if replica == 0 else None)
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative training FLOPs (all ancestors)")
-    ax.set_ylabel("validation token accuracy (%)")
-    ax.set_title(f"{plan.stages.name}, profile {plan.profile}"
-                 + (f" ({plan.replicas} seeds)" if plan.replicas > 1 else ""))
-    ax.grid(alpha=0.3)
+        loss_ax.plot(xs, losses, **style)
+    for ax, ylabel in ((acc_ax, "validation token accuracy (%)"),
+                       (loss_ax, "validation loss per target token (nats)")):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # they overlap
+        ax.set_xlabel("cumulative training FLOPs (all ancestors)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
     if curves:
-        ax.legend(fontsize=7)
+        acc_ax.legend(fontsize=7)
+    fig.suptitle(f"{plan.stages.name}, profile {plan.profile}"
+                 + (f" ({plan.replicas} seeds)" if plan.replicas > 1 else ""))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
