@@ -45,7 +45,8 @@ def test_claims_are_checked_on_mean_accuracy_and_loss(plan):
     for r in rows:  # the loss ranks 6 best and 4 worst: the opposite of the accuracy
         r["eval_loss"] = {"6": 4.0, "4": 6.0}.get(r["setting"], 5.0)
     claims = check_claims(plan, summarize(plan, rows))
-    beats, beats_loss, close, repeated, repeated_loss, best, best_loss, saving = claims
+    beats, beats_loss, close, repeated, repeated_loss, best, best_loss, saving, saving_loss = \
+        claims
     assert beats["holds"] == "4 of 5" and "6: -1.00" in beats["measured"]
     assert beats_loss["holds"] == "1 of 5" and "6: -1.000 nats" in beats_loss["measured"]
     assert close["holds"] == "yes" and "+0.10" in close["measured"]  # 5 - 3, within 0.5
@@ -53,8 +54,10 @@ def test_claims_are_checked_on_mean_accuracy_and_loss(plan):
     assert best["holds"] == "yes" and "next 5: 33.10" in best["measured"]
     assert best_loss["holds"] == "no" and "next 6: 4.000" in best_loss["measured"]
     assert saving["holds"] == "yes" and "+20%" in saving["measured"]
+    assert saving_loss["holds"] == "no" and "never reached the baseline's loss" in \
+        saving_loss["measured"]
     rows[4] = row("5", 0, 0.331, None)  # setting 5 never reaches the baseline
-    saving = check_claims(plan, summarize(plan, rows))[-1]
+    saving = check_claims(plan, summarize(plan, rows))[-2]
     assert saving["holds"] == "no" and "never reached" in saving["measured"]
 
 
