@@ -111,9 +111,9 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_step(shared_data
                     inputs_length=64, targets_length=16, batch_size=4)
     cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384})
     train(cfg, TrainConfig(steps=10, save_every=5, keep_last=3), dc, tmp_path, progress=False)
-    data_files = [p for p in (tmp_path / "checkpoints" / "10" / "params").rglob("*")
-                  if p.is_file() and p.parent.name == "d"]
-    biggest = max(data_files, key=lambda p: p.stat().st_size)
+    # The biggest file of the step is array data, whatever the storage layout.
+    files = [p for p in (tmp_path / "checkpoints" / "10" / "params").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
     warnings = []
     summary = train(cfg, TrainConfig(steps=12, save_every=5, keep_last=3), dc, tmp_path,
