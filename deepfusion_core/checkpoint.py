@@ -13,10 +13,10 @@ A training workdir holds the same items per step under `checkpoints/<step>/`; `l
 on a workdir (or its `checkpoints/`) loads the latest complete step.
 
 Arrays are written as plain zarr arrays, one per parameter, without Orbax's two defaults
-(BENCHMARKS.md, `bench checkpoint`): zstd compression saved 8% of the bytes of weights and cost
-a third of the restore throughput, and OCDBT (one key-value store per process, which pays off
-with hundreds of hosts writing to a bucket) made saves 3x slower on a local disk. Orbax reads
-both from each checkpoint's metadata, so checkpoints written with them still load.
+(figures in BENCHMARKS.md, `bench checkpoint`): zstd saved 8% of the bytes of weights and
+slowed every restore measured, and OCDBT (one key-value store per process, which pays off with
+hundreds of hosts writing to a bucket) slowed most saves on a local disk. Orbax reads both from
+each checkpoint's metadata, so checkpoints written with them still load.
 """
 
 from __future__ import annotations

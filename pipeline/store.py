@@ -24,20 +24,19 @@ class LockedError(RuntimeError):
     """Another run holds the runs directory."""
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write JSON to `path` so a reader sees the old file or the whole new one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so a reader sees the old file or the whole new one (fsynced
+    before the rename, so a crash cannot leave an empty file in place)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(text)
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write JSON to `path` so a reader sees the old file or the whole new one."""
+    write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> dict | None:
