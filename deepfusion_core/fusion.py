@@ -11,8 +11,11 @@ so the fused logits are the weighted mean of the inputs' logits.
 
 With zero cross blocks and `norm="prop"` (grouped RMSNorm, one group per input group) the
 fused model computes exactly the weighted average ensemble of its inputs. `norm="rule"`
-keeps one RMSNorm over the whole width (the standard architecture): exact for self fusion,
-approximate otherwise.
+keeps one RMSNorm over the whole width (the standard architecture): exact only for self
+fusion of a single-group model, approximate otherwise (a grouped model self-fused with
+`rule` loses its groups, and with them its function). `default_norm` is the one place
+that decides the default: the exact choice, and the standard architecture where both are
+exact.
 
 Fusion runs in host memory (numpy), one parameter at a time, and writes each output block
 once: peak memory is the inputs plus the output.
@@ -69,6 +72,20 @@ def fused_config(configs: Sequence[T5Config], norm: Norm) -> T5Config:
     ))
 
 
+def default_norm(configs: Sequence[T5Config], self_fusion: bool) -> Norm:
+    """The norm `fuse` uses when none is given: always an exact one.
+
+    "rule" only for self fusion of a single-group model, where one RMSNorm over the
+    concatenation equals the original norm (and the standard architecture stays); "prop"
+    everywhere else. Self fusion of a grouped model (one made by fusion-prop) must keep its
+    groups: one RMSNorm over the concatenation of [a, b] is not the per-group norm of a and b.
+    `self_fusion` says whether every input is the same model; the planner knows it from the
+    node names, `fuse` from the parameters.
+    """
+    single_group = all(len(c.norm_groups) == 1 for c in configs)
+    return "rule" if self_fusion and single_group else "prop"
+
+
 def _is_self_fusion(models: Sequence[tuple[T5Config, Params]]) -> bool:
     cfg0, params0 = models[0]
     flat0 = traverse_util.flatten_dict(params0)
@@ -115,8 +132,8 @@ def fuse(models: Sequence[tuple[T5Config, Params]], norm: Norm | None = None,
     """Fuse n >= 2 `(config, params)` pairs into one wider model.
 
     norm: "prop" (grouped RMSNorm, exact weighted ensemble) or "rule" (one RMSNorm, standard
-      architecture). None picks "rule" for self fusion (identical inputs, where both are
-      exact) and "prop" otherwise.
+      architecture; approximate unless the inputs are one single-group model). None picks
+      `default_norm`: "rule" for self fusion of a single-group model, "prop" otherwise.
     cross_std: std of the off-diagonal blocks (0 gives zeros), drawn from `seed`.
     weights: averaging weights of the inputs' logits (default 1/n each).
     Returns the fused config and its params as float32 numpy arrays.
@@ -124,7 +141,7 @@ def fuse(models: Sequence[tuple[T5Config, Params]], norm: Norm | None = None,
     configs = [cfg for cfg, _ in models]
     check_fusable(configs)
     if norm is None:
-        norm = "rule" if _is_self_fusion(models) else "prop"
+        norm = default_norm(configs, _is_self_fusion(models))
     if norm not in ("prop", "rule"):
         raise FusionError(f"norm must be 'prop' or 'rule', got {norm!r}")
     if cross_std < 0:

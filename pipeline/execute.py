@@ -88,8 +88,13 @@ def _run_fuse(plan: Plan, node: PlannedNode, log: Log) -> dict:
     else:
         loaded = {p: load_model(model_path(plan.nodes[p])) for p in node.parents}
         start = time.perf_counter()
-        cfg, params = fuse([loaded[p] for p in spec.fuse], norm=spec.norm,
+        # The planned norm, not the core's default again: the plan decided self fusion by
+        # node names, and its fingerprint and the children's configs follow that decision.
+        cfg, params = fuse([loaded[p] for p in spec.fuse], norm=node.record["norm"],
                            cross_std=spec.cross_std, seed=spec.seed, weights=spec.weights)
+        if cfg != node.model:
+            raise RuntimeError(f"{node.name}: fused {cfg.describe()}, but the plan expects "
+                               f"{node.model.describe()}")
         save_model(out, cfg, params)
         log(f"{node.name}: fused {' + '.join(spec.fuse)} -> {cfg.describe()} "
             f"in {time.perf_counter() - start:.1f}s")

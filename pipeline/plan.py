@@ -24,7 +24,7 @@ from deepfusion_core import data
 from deepfusion_core.config import PRESETS, T5Config
 from deepfusion_core.model import count_params
 from deepfusion_core.flops import train_step_flops
-from deepfusion_core.fusion import FusionError, fused_config
+from deepfusion_core.fusion import FusionError, default_norm, fused_config
 from deepfusion_core.memory import train_memory
 from deepfusion_core.sharding import check_mesh_fits, parse_mesh
 from deepfusion_core.train import TrainConfig
@@ -309,7 +309,7 @@ def _replica_spec(spec: TrainNode | FuseNode, replica: int) -> TrainNode | FuseN
 
 def _plan_fuse(name, spec: FuseNode, plan: Plan) -> PlannedNode:
     inputs = [plan.nodes[p].model for p in spec.fuse]
-    norm = spec.norm or ("rule" if len(set(spec.fuse)) == 1 else "prop")
+    norm = spec.norm or default_norm(inputs, self_fusion=len(set(spec.fuse)) == 1)
     try:
         model = fused_config(inputs, norm)
     except FusionError as e:

@@ -139,7 +139,10 @@ class FuseNode(_Strict):
     """Fuse the models of two or more nodes (the same node twice: self fusion)."""
 
     fuse: list[str] = Field(min_length=2)
-    norm: Literal["prop", "rule"] | None = None  # None: rule for self fusion, else prop
+    # None: the exact default (fusion.default_norm): rule for self fusion of a single-group
+    # model, prop otherwise. An explicit rule on a grouped self fusion is allowed: it returns
+    # to the standard architecture at the cost of exactness.
+    norm: Literal["prop", "rule"] | None = None
     cross_std: float = Field(default=0.0, ge=0)
     weights: list[float] | None = None
     seed: int = Field(default=0, ge=0)
