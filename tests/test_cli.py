@@ -92,3 +92,16 @@ def test_console_script_runs_as_a_real_process():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["params"] == 95_835_520
+
+
+def test_fuse_of_a_prop_fused_model_with_itself_keeps_its_function(ckpts, tmp_path):
+    # The default norm of a self fusion keeps a grouped model's groups: one RMSNorm over
+    # [a, b, a, b] is not the per-group norm, and moved the logits before it did.
+    assert invoke("fuse", ckpts / "a", ckpts / "b", "--out", tmp_path / "ab").exit_code == 0
+    result = invoke("fuse", tmp_path / "ab", tmp_path / "ab", "--out", tmp_path / "abab")
+    assert result.exit_code == 0, result.output
+    cfg, params = load_model(tmp_path / "abab")
+    assert cfg.norm_groups == (32, 32, 32, 32)
+    enc = np.array([[5, 6, 7, 8]]); dec = np.array([[0, 9, 10]])
+    want = forward(*load_model(tmp_path / "ab"), enc, dec)
+    assert float(np.abs(forward(cfg, params, enc, dec) - want).max()) <= 1e-5

@@ -9,15 +9,16 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
-from deepfusion_core import load_model
+from deepfusion_core import forward, load_model
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
-from pipeline.execute import run_plan
+from pipeline.execute import model_path, run_plan
 from pipeline.plan import build_plan, plan_records
 from pipeline.report import write_report
 
@@ -68,6 +69,19 @@ def test_smoke_dag_runs_every_node_and_reports_six_settings(smoke_run):
         assert store.is_done(node.dir)
         if node.kind == "train":
             assert store.latest_checkpoint_step(node.dir) == node.train.steps
+
+
+@pytest.mark.slow
+def test_setting_2_self_fusion_computes_m12s_function(smoke_run):
+    # L2f = self-fuse(M12), M12 grown by fusion-prop: the default norm keeps its groups, so
+    # the fused model is M12's function exactly (one merged RMSNorm moved it).
+    plan = smoke_run[0]
+    m12 = load_model(model_path(plan.nodes["M12"]))
+    l2f = load_model(model_path(plan.nodes["L2f"]))
+    assert m12[0].norm_groups == (32, 32) and l2f[0].norm_groups == (32, 32, 32, 32)
+    assert plan.nodes["L2f"].model == l2f[0]
+    enc = np.array([[5, 6, 7, 8, 9, 0]]); dec = np.array([[0, 10, 11, 12]])
+    assert float(np.abs(forward(*l2f, enc, dec) - forward(*m12, enc, dec)).max()) <= 1e-5
 
 
 @pytest.mark.slow
