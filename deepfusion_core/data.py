@@ -142,7 +142,13 @@ def get_vocabulary(spec: str) -> seqio.Vocabulary:
         path = Path(spec[3:]).expanduser().absolute()
         if not path.is_file():
             raise DataError(f"vocab {spec!r}: SentencePiece model {path} does not exist")
-        return seqio.SentencePieceVocabulary(str(path), extra_ids=EXTRA_IDS)
+        vocab = seqio.SentencePieceVocabulary(str(path), extra_ids=EXTRA_IDS)
+        try:
+            vocab.vocab_size  # noqa: B018 - seqio loads the model lazily; load it here
+        except Exception as e:  # protobuf's DecodeError, sentencepiece's RuntimeError
+            raise DataError(f"vocab {spec!r}: {path} is not a SentencePiece model "
+                            f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        return vocab
     raise DataError(f"vocab must be 'byte' or 't5:PATH', not {spec!r}")
 
 

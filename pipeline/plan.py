@@ -152,8 +152,6 @@ def _check_references(stages: Stages) -> list[str]:
                 problems.append(f"profiles.{pname}.models.{size}: unknown preset {spec!r} "
                                 f"(known: {', '.join(PRESETS)})")
     for name, spec in stages.nodes.items():
-        if "@" in name:
-            problems.append(f"nodes.{name}: '@' is kept for replica names (NODE@k)")
         if isinstance(spec, TrainNode) and spec.init is not None:
             if spec.init not in stages.nodes:
                 problems.append(f"nodes.{name}.init: {spec.init!r} is not a node")
@@ -170,6 +168,9 @@ def _check_references(stages: Stages) -> list[str]:
     for label, setting in stages.settings.items():
         if setting.node not in stages.nodes:
             problems.append(f"settings.{label}.node: {setting.node!r} is not a node")
+        elif not isinstance(stages.nodes[setting.node], TrainNode):
+            problems.append(f"settings.{label}.node: {setting.node!r} is a fuse node; a setting "
+                            f"names the train node that makes its final model")
     for i, claim in enumerate(stages.claims):
         for label in claim.settings():
             if label not in stages.settings:
@@ -319,7 +320,7 @@ def _plan_fuse(name, spec: FuseNode, plan: Plan) -> PlannedNode:
               "seed": spec.seed, "model": model.model_dump(mode="json")}
     fp = _fingerprint(record)
     return PlannedNode(name, "fuse", tuple(dict.fromkeys(spec.fuse)), model, fp,
-                       plan.root / "nodes" / f"{name}-{fp}", spec, record)
+                       store.node_path(plan.root, name, fp), spec, record)
 
 
 def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
@@ -356,7 +357,7 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
                        "vocab": prof.data.vocab}}
     fp = _fingerprint(record)
     return PlannedNode(name, "train", tuple(_parents(spec)), model, fp,
-                       plan.root / "nodes" / f"{name}-{fp}", spec, record, train=tc, data=dc)
+                       store.node_path(plan.root, name, fp), spec, record, train=tc, data=dc)
 
 
 def _gib(parts: dict[str, int]) -> str:

@@ -271,7 +271,7 @@ def write_report(plan: Plan) -> dict:
     rows, curves = replica_rows(plan)
     summary = summarize(plan, rows)
     claims = check_claims(plan, summary)
-    out = plan.root / "report" / plan.profile
+    out = store.report_path(plan.root, plan.profile)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "csv": out / "settings.csv",
              "plot": out / "curves.png"}

@@ -19,22 +19,49 @@ Structure is checked here; cross-references (dangling names, cycles, shapes) in 
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
+                      ValidationError, field_validator, model_validator)
 
 from deepfusion_core.config import T5Config
 from deepfusion_core.sharding import parse_mesh
 
 
 SEED_STRIDE = 1000  # replica k of a stages file offsets every seed by k * SEED_STRIDE
+MAX_REPLICAS = 100
+MAX_SEED = 2**31 - 1  # with replicas' offsets, still inside what JAX and numpy take as a seed
+MAX_STAGES_BYTES = 1 << 20
+# Pipeline, profile and node names become directory names under the runs directory: one
+# path component, no "..", nothing a shell or a file system treats specially.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """`name` if it is a safe name (`NAME_PATTERN`, no ".."); ValueError otherwise."""
+    if isinstance(name, str) and "@" in name:
+        raise ValueError(f"{what} {name!r}: '@' is kept for replica names (NODE@k)")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} must match {NAME_PATTERN} without '..' (it names a "
+                         f"directory)")
+    return name
+
+
+def _check_names(mapping: dict, what: str) -> dict:
+    for key in mapping:
+        check_name(key, what)
+    return mapping
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `steps: true` or `seed: "3"` is refused, not coerced; no NaN or infinity in any
+    # float (an infinite learning rate would train to NaN).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelDims(_Strict):
@@ -100,7 +127,7 @@ class Profile(_Strict):
     # Independent runs of the whole DAG (seeds). Replica k >= 1 adds k * SEED_STRIDE to every
     # node's seed and names its nodes NODE@k; replica 0 is the file as written, so raising
     # this only adds nodes.
-    replicas: int = Field(default=1, ge=1)
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
 
     @field_validator("mesh")
     @classmethod
@@ -130,7 +157,7 @@ class TrainNode(_Strict):
 
     train: str
     init: str | None = None
-    seed: int = Field(default=0, ge=0)  # parameter init and data order
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # parameter init and data order
     overrides: TrainOverrides = TrainOverrides()
     description: str = ""
 
@@ -144,9 +171,16 @@ class FuseNode(_Strict):
     # to the standard architecture at the cost of exactness.
     norm: Literal["prop", "rule"] | None = None
     cross_std: float = Field(default=0.0, ge=0)
-    weights: list[float] | None = None
-    seed: int = Field(default=0, ge=0)
+    weights: list[Annotated[float, Field(gt=0)]] | None = None  # averaging weights, sum 1
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     description: str = ""
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_sum_to_one(cls, v: list[float] | None):
+        if v is not None and not math.isclose(sum(v), 1.0, abs_tol=1e-6):
+            raise ValueError(f"weights {v} must sum to 1 (they average the inputs' logits)")
+        return v
 
 
 def _node_kind(value: Any) -> str | None:
@@ -214,11 +248,14 @@ class Stages(_Strict):
     """A whole stages file."""
 
     schema_: str | None = Field(default=None, alias="$schema")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Annotated[str, Field(pattern=f"^{NAME_PATTERN}$"),
+                    AfterValidator(lambda v: check_name(v, "name"))]
     description: str = ""
     default_profile: str
-    profiles: dict[str, Profile] = Field(min_length=1)
-    nodes: dict[str, Node] = Field(min_length=1)
+    profiles: Annotated[dict[str, Profile], AfterValidator(lambda v: _check_names(v, "profile")),
+                        Field(min_length=1)]
+    nodes: Annotated[dict[str, Node], AfterValidator(lambda v: _check_names(v, "node name")),
+                     Field(min_length=1)]
     settings: dict[str, Setting] = {}
     baseline: str | None = None  # the setting the others are compared against
     claims: list[Claim] = []
@@ -271,6 +308,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a name or a number, not a {type(key).__name__}",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -283,16 +324,29 @@ def load_stages(path: str | Path) -> Stages:
     path = Path(path)
     if not path.is_file():
         raise StagesError([f"{path}: no such stages file"])
+    if (size := path.stat().st_size) > MAX_STAGES_BYTES:
+        raise StagesError([f"{path}: {size} bytes is larger than a stages file may be "
+                           f"({MAX_STAGES_BYTES} bytes)"])
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StagesError([f"{path}: not UTF-8 text (byte {e.start}: {e.reason})"]) from None
+    if text.startswith("\ufeff"):
+        raise StagesError([f"{path}: starts with a byte order mark; save it as UTF-8 without one"])
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise StagesError([f"{path}:{line} is not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    except RecursionError:
+        raise StagesError([f"{path}: nested too deeply to be a stages file"]) from None
     if not isinstance(raw, dict):
         raise StagesError([f"{path}: expected a mapping with name, profiles, nodes, settings"])
     try:
         return Stages.model_validate(raw)
+    except RecursionError:
+        raise StagesError([f"{path}: nested too deeply to be a stages file"]) from None
     except ValidationError as e:
         raise StagesError([f"{path}: {where + ': ' if where else ''}{msg}"
                           for where, msg in _errors(e)]) from None

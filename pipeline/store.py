@@ -20,6 +20,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def inside(root: Path, *parts: str) -> Path:
+    """`root / parts`, refused (ValueError) unless it stays inside `root`: names come from
+    stages files and the command line, and no name may reach outside the runs directory."""
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()) or any(
+            p in ("", ".", "..") or "/" in p or "\0" in p for p in parts):
+        raise ValueError(f"{'/'.join(parts)!r} would be outside {root}")
+    return path
+
+
+def node_path(root: Path, name: str, fingerprint: str) -> Path:
+    """A node's directory: RUNS/<pipeline>/nodes/<node>-<fingerprint>."""
+    return inside(root, "nodes", f"{name}-{fingerprint}")
+
+
+def report_path(root: Path, profile: str) -> Path:
+    """A profile's report directory: RUNS/<pipeline>/report/<profile>."""
+    return inside(root, "report", profile)
+
+
 class LockedError(RuntimeError):
     """Another run holds the runs directory."""
 

@@ -35,9 +35,17 @@ SHIPPED = ROOT / "stages.yaml"
 runner = CliRunner()
 
 
+def _text(path: Path) -> str:
+    """A corpus file as text, whatever its encoding (some files are broken by their bytes)."""
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+
+
 def _header(path: Path, tag: str) -> list[str]:
     prefix = f"# {tag}:"
-    return [line[len(prefix):].strip() for line in path.read_text().splitlines()
+    return [line[len(prefix):].strip() for line in _text(path).splitlines()
             if line.startswith(prefix)]
 
 
@@ -156,6 +164,14 @@ def test_console_script_run_exits_2(tmp_path):
     assert len(errors) >= 8
     assert not runs.exists()
     assert _snapshot(tmp_path, CORPUS) == before
+
+
+def test_a_stages_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text(SHIPPED.read_text() + "#" * (1 << 20))
+    with pytest.raises(StagesError, match="larger than a stages file may be"):
+        build_plan(path, runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_undefined_profile_is_exit_2(tmp_path, monkeypatch):
