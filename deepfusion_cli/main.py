@@ -105,8 +105,8 @@ def fuse(checkpoints: Annotated[list[Path], typer.Argument(help="Two or more mod
                                                           "(the same one twice: self fusion).")],
          out: Annotated[Path, typer.Option(help="Where to write the fused checkpoint.")],
          norm: Annotated[Optional[str], typer.Option(
-             help="prop (grouped RMSNorm, exact ensemble) or rule (one RMSNorm). "
-                  "Default: rule for self fusion, prop otherwise.")] = None,
+             help="prop (grouped RMSNorm, exact ensemble) or rule (one RMSNorm). Default: "
+                  "the exact one: rule for self fusion of a single-group model, else prop.")] = None,
          cross_std: Annotated[float, typer.Option(help="Std of the off-diagonal blocks.")] = 0.0,
          seed: Annotated[int, typer.Option(help="Seed of the off-diagonal noise.")] = 0,
          weights: Annotated[Optional[str], typer.Option(
@@ -115,13 +115,16 @@ def fuse(checkpoints: Annotated[list[Path], typer.Argument(help="Two or more mod
     from deepfusion_core import fuse as fuse_models
     from deepfusion_core import load_model, save_model
     from deepfusion_core.checkpoint import read_config
-    from deepfusion_core.fusion import check_fusable
+    from deepfusion_core.fusion import check_fuse_options, check_fusable
 
     if out.exists():
         fail(f"--out {out} already exists; choose a new path")
+    if not out.absolute().parent.is_dir():
+        fail(f"--out {out}: the directory {out.absolute().parent} does not exist")
     if norm not in (None, "prop", "rule"):
         fail(f"--norm must be prop or rule, got {norm!r}")
     parsed_weights = _parse_weights(weights, len(checkpoints))
+    check_fuse_options(len(checkpoints), cross_std, parsed_weights)
     check_fusable([read_config(c) for c in checkpoints])  # before reading any array
     start = time.perf_counter()
     loaded: dict[Path, tuple] = {}

@@ -23,6 +23,7 @@ once: peak memory is the inputs plus the output.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from typing import Literal
@@ -70,6 +71,21 @@ def fused_config(configs: Sequence[T5Config], norm: Norm) -> T5Config:
         d_ff=sum(c.d_ff for c in configs),
         norm_groups=groups,
     ))
+
+
+def check_fuse_options(n: int, cross_std: float, weights: Sequence[float] | None) -> None:
+    """Raise `FusionError` unless `cross_std` is finite and >= 0 and `weights` (if given) are
+    n finite positive numbers that sum to 1 (they average the inputs' logits)."""
+    if not (math.isfinite(cross_std) and cross_std >= 0):
+        raise FusionError(f"cross_std must be a finite number >= 0, got {cross_std}")
+    if weights is None:
+        return
+    if len(weights) != n:
+        raise FusionError(f"got {len(weights)} weights for {n} models")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise FusionError(f"weights must be finite and > 0, got {list(weights)}")
+    if not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+        raise FusionError(f"weights {list(weights)} must sum to 1")
 
 
 def default_norm(configs: Sequence[T5Config], self_fusion: bool) -> Norm:
@@ -135,7 +151,7 @@ def fuse(models: Sequence[tuple[T5Config, Params]], norm: Norm | None = None,
       architecture; approximate unless the inputs are one single-group model). None picks
       `default_norm`: "rule" for self fusion of a single-group model, "prop" otherwise.
     cross_std: std of the off-diagonal blocks (0 gives zeros), drawn from `seed`.
-    weights: averaging weights of the inputs' logits (default 1/n each).
+    weights: averaging weights of the inputs' logits, positive and summing to 1 (default 1/n).
     Returns the fused config and its params as float32 numpy arrays.
     """
     configs = [cfg for cfg, _ in models]
@@ -144,11 +160,8 @@ def fuse(models: Sequence[tuple[T5Config, Params]], norm: Norm | None = None,
         norm = default_norm(configs, _is_self_fusion(models))
     if norm not in ("prop", "rule"):
         raise FusionError(f"norm must be 'prop' or 'rule', got {norm!r}")
-    if cross_std < 0:
-        raise FusionError(f"cross_std must be >= 0, got {cross_std}")
+    check_fuse_options(len(models), cross_std, weights)
     weights = [1.0 / len(models)] * len(models) if weights is None else list(weights)
-    if len(weights) != len(models):
-        raise FusionError(f"got {len(weights)} weights for {len(models)} models")
 
     out_cfg = fused_config(configs, norm)
     axes = traverse_util.flatten_dict(param_axes(out_cfg))

@@ -105,3 +105,23 @@ def test_fuse_of_a_prop_fused_model_with_itself_keeps_its_function(ckpts, tmp_pa
     enc = np.array([[5, 6, 7, 8]]); dec = np.array([[0, 9, 10]])
     want = forward(*load_model(tmp_path / "ab"), enc, dec)
     assert float(np.abs(forward(cfg, params, enc, dec) - want).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--weights", "nan,nan"], "weights must be finite and > 0"),
+    (["--weights", "-0.5,1.5"], "weights must be finite and > 0"),
+    (["--weights", "0.5,0.7"], "must sum to 1"),
+    (["--cross-std", "inf"], "cross_std must be a finite number"),
+])
+def test_fuse_refuses_non_finite_or_unnormalised_options(ckpts, tmp_path, extra, message):
+    result = invoke("fuse", ckpts / "a", ckpts / "b", "--out", tmp_path / "ab", *extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.output.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fuse_does_not_create_missing_parent_directories(ckpts, tmp_path):
+    out = tmp_path / "no" / "such" / "dir" / "out"
+    result = invoke("fuse", ckpts / "a", ckpts / "b", "--out", out)
+    assert result.exit_code == 2 and "does not exist" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
