@@ -28,7 +28,7 @@ BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_to
 class TrainConfig(BaseModel):
     """How to train one node (the model and data are configured separately)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(gt=0)
     seed: int = Field(default=0, ge=0)  # parameter initialisation (the data seed is separate)

@@ -17,6 +17,7 @@ its span-corruption masks) is fixed by the data seed and position, both checkpoi
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -35,8 +36,8 @@ from deepfusion_core.metrics import MetricsLog
 from deepfusion_core.steps import (BATCH_KEYS, CompiledSteps, TrainConfig, compiled_steps,
                                    learning_rate_schedule, make_optimizer)
 
-__all__ = ["BATCH_KEYS", "CompiledSteps", "Preempted", "TrainConfig", "check_inputs",
-           "compiled_steps", "evaluate", "learning_rate_schedule", "make_optimizer", "train"]
+__all__ = ["BATCH_KEYS", "CompiledSteps", "Preempted", "TrainConfig", "TrainingDiverged",
+           "check_inputs", "compiled_steps", "evaluate", "learning_rate_schedule", "make_optimizer", "train"]
 
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM/SIGINT after saving a checkpoint at `step`."""
@@ -44,6 +45,10 @@ class Preempted(RuntimeError):
     def __init__(self, step: int, signum: int):
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved")
         self.step, self.signum = step, signum
+
+
+class TrainingDiverged(ValueError):
+    """A step's loss or gradient norm was not finite; nothing of that step was saved."""
 
 
 def evaluate(eval_step, params, batches, put) -> dict:
@@ -143,12 +148,23 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
             state, out = train_step(state, put(batch))
             loss = float(out["loss"])  # waits for the step
             step_time = time.perf_counter() - step_start
+            grad_norm = float(out["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # Stop before this step's state reaches a checkpoint or the metrics: a
+                # resume starts from the last finite checkpoint.
+                manager.wait_until_finished()
+                last = manager.latest_step()
+                raise TrainingDiverged(
+                    f"training diverged at step {ts['step'] + 1}: loss {loss}, gradient norm "
+                    f"{grad_norm}; " + (f"the last checkpoint is step {last}" if last is not None
+                                         else "no checkpoint was saved")
+                    + " (lower the learning rate, or rerun to resume and retry)")
             tokens = int((batch["encoder_input_tokens"] > 0).sum()
                          + (batch["decoder_loss_weights"] > 0).sum())
             ts.update(step=ts["step"] + 1, data_position=ts["data_position"] + 1,
                       flops=ts["flops"] + step_flops, tokens=ts["tokens"] + tokens)
             metrics.write({"kind": "train", "step": ts["step"], "loss": loss,
-                           "grad_norm": float(out["grad_norm"]),
+                           "grad_norm": grad_norm,
                            "lr": float(schedule(ts["step"] - 1)), "step_time_s": step_time,
                            "tokens_per_s": tokens / step_time,
                            "flops_per_s": step_flops / step_time})
@@ -160,8 +176,11 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_time:,.0f}")
         if stopping:
-            train_checkpoint.save(manager, ts["step"], cfg, state, dict(ts), force=True)
+            # A regular save may have just written this step (or still be writing it).
             manager.wait_until_finished()
+            if manager.latest_step() != ts["step"]:
+                train_checkpoint.save(manager, ts["step"], cfg, state, dict(ts), force=True)
+                manager.wait_until_finished()
             raise Preempted(ts["step"], stop[0] if stop else signal.SIGTERM)
         if last_eval is None or last_eval["step"] != ts["step"]:
             run_eval()

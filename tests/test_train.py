@@ -17,7 +17,7 @@ from deepfusion_cli.main import app
 from deepfusion_core import PRESETS, load_model
 from deepfusion_core.data import DataConfig
 from deepfusion_core.metrics import read_metrics
-from deepfusion_core.train import TrainConfig, train
+from deepfusion_core.train import TrainConfig, TrainingDiverged, train
 
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ SHARDED_SCRIPT = """
 import json, sys
 from deepfusion_core import PRESETS
 from deepfusion_core.data import DataConfig
-from deepfusion_core.train import TrainConfig, train
+from deepfusion_core.train import TrainConfig, TrainingDiverged, train
 dc = DataConfig(source=sys.argv[1], vocab="byte", inputs_length=64, targets_length=16, batch_size=8)
 cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384})
 train(cfg, TrainConfig(steps=5, mesh=sys.argv[3], save_every=5), dc, sys.argv[2], progress=False)
@@ -204,3 +204,49 @@ def test_a_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
           TrainConfig(steps=2, save_every=1, warmup_steps=1), dc, Path("w"), progress=False)
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == ["1", "2"]
     assert load_model("w")[1] is not None
+
+
+def test_a_non_finite_loss_fails_the_run_at_its_step_and_saves_nothing_of_it(tmp_path):
+    # A learning rate of 1e30 is finite (the stages schema lets it through) but blows the
+    # parameters up within a few steps: the run must stop, never save or log a NaN.
+    dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
+                    batch_size=2)
+    tc = TrainConfig(steps=12, save_every=1, warmup_steps=1, learning_rate=1e30,
+                     grad_clip=None)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step") as info:
+        train(PRESETS["tiny-S"], tc, dc, tmp_path / "w", progress=False)
+    failed_step = int(str(info.value).split("step ")[1].split(":")[0])
+    records = read_metrics(tmp_path / "w" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, failed_step))
+    assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    steps = sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps and steps[-1] == failed_step - 1
+    params = load_model(tmp_path / "w")[1]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_sigterm_right_after_a_regular_save_stops_cleanly_and_resumes_bit_identically(
+        tmp_path, monkeypatch):
+    # The stop's own save used to collide with the regular save of the same step
+    # (StepAlreadyExistsError), failing a cancelled node instead of stopping it.
+    from deepfusion_core import train as train_module
+    from deepfusion_core.train import Preempted
+
+    dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
+                    batch_size=2)
+    tc = TrainConfig(steps=6, save_every=2, warmup_steps=1)
+    real_save = train_module.train_checkpoint.save
+
+    def save_then_sigterm(manager, step, *args, **kwargs):
+        real_save(manager, step, *args, **kwargs)
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)  # lands before the loop checks for a stop
+
+    monkeypatch.setattr(train_module.train_checkpoint, "save", save_then_sigterm)
+    with pytest.raises(Preempted, match="at step 2"):
+        train(PRESETS["tiny-S"], tc, dc, tmp_path / "stopped", progress=False)
+    monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
+    train(PRESETS["tiny-S"], tc, dc, tmp_path / "stopped", progress=False)
+    train(PRESETS["tiny-S"], tc, dc, tmp_path / "straight", progress=False)
+    assert leaves_equal(load_model(tmp_path / "stopped")[1], load_model(tmp_path / "straight")[1])
