@@ -347,12 +347,19 @@ def test_compose_volumes_are_declared_and_runs_is_where_the_flow_writes():
     assert declared <= set(used), f"declared but unused: {declared - set(used)}"
 
 
+def _compose_default(value: str) -> str:
+    """What compose substitutes for `${VAR:-default}` when VAR is unset ("" for `${VAR:?}`)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}|\$\{\w+:\?[^}]*\}", lambda m: m.group(1) or "", value)
+
+
 def test_compose_ports_and_urls_fit_together():
     services = compose()["services"]
     server = services["prefect-server"]
     published = {}
     for port in server["ports"]:
-        host, container = (int(p) for p in str(port).split(":"))
+        address, host, container = _compose_default(str(port)).rsplit(":", 2)
+        assert address == "127.0.0.1", f"published on {address!r} by default, not loopback"
+        host, container = int(host), int(container)
         assert 0 < host < 65536 and 0 < container < 65536
         published[container] = host
     command = server["command"]
@@ -373,21 +380,73 @@ def test_compose_database_is_postgres_through_asyncpg():
     import importlib.metadata
 
     services = compose()["services"]
-    url = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    match = re.fullmatch(r"postgresql\+asyncpg://(\w+):(\w+)@([\w-]+):(\d+)/(\w+)", url)
-    assert match, url
-    user, password, host, port, db = match.groups()
-    postgres = services[host]
+    env = services["prefect-server"]["environment"]
+    assert env["PREFECT_SERVER_DATABASE_DRIVER"] == "postgresql+asyncpg"
+    postgres = services[env["PREFECT_SERVER_DATABASE_HOST"]]
     assert postgres["image"].startswith("postgres:16")
-    assert postgres["environment"] == {"POSTGRES_USER": user, "POSTGRES_PASSWORD": password,
-                                       "POSTGRES_DB": db}
-    assert port == "5432"
-    assert services["prefect-server"]["depends_on"][host]["condition"] == "service_healthy"
-    for name in (host, "prefect-server"):
+    assert postgres["environment"]["POSTGRES_USER"] == env["PREFECT_SERVER_DATABASE_USER"]
+    assert postgres["environment"]["POSTGRES_DB"] == env["PREFECT_SERVER_DATABASE_NAME"]
+    # One secret, from docker/.env, on both sides.
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == env["PREFECT_SERVER_DATABASE_PASSWORD"]
+    assert env["PREFECT_SERVER_DATABASE_PORT"] == "5432"
+    assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("postgres", "prefect-server"):
         assert services[name]["healthcheck"]["test"], name
     # The server image gets asyncpg from prefect itself (no extra pin in Dockerfile.cpu).
     requires = importlib.metadata.requires("prefect") or []
     assert any(Requirement(r).name == "asyncpg" and not Requirement(r).marker for r in requires)
+
+
+SECRET_NAME = re.compile(r"PASSWORD|AUTH_STRING")
+
+
+def test_compose_is_closed_by_default_and_reads_its_secrets_from_docker_env():
+    services = compose()["services"]
+    server_env = services["prefect-server"]["environment"]
+    assert re.fullmatch(r"\$\{PREFECT_AUTH_STRING:\?[^}]+\}", server_env["PREFECT_SERVER_API_AUTH_STRING"])
+    for name, service in services.items():
+        if name.startswith("worker"):  # every client of the API sends the auth string
+            assert service["environment"]["PREFECT_API_AUTH_STRING"] == \
+                server_env["PREFECT_SERVER_API_AUTH_STRING"], name
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key):  # only a reference to docker/.env, never a value
+                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", str(value)), f"{name}.{key}: {value!r}"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "docker/.env" in ignored and "docker/.env" in (ROOT / ".dockerignore").read_text().split()
+    example = (DOCKER / ".env.example").read_text()
+    for key in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING"):
+        value = re.search(rf"^{key}=(.*)$", example, re.M).group(1)
+        assert "<" in value and ">" in value, f"{key} in .env.example is not a placeholder"
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_k8s_template_takes_the_auth_string_from_a_secret(name):
+    tmpl = template(name)
+    container = render(tmpl)["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    default = tmpl["variables"]["properties"]["auth_secret"]["default"]
+    assert container["envFrom"] == [{"secretRef": {"name": default}}]
+    assert "PREFECT_API_AUTH_STRING" in tmpl["variables"]["properties"]["auth_secret"]["description"]
+
+
+def test_no_tracked_file_holds_a_password_or_auth_string():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    # KEY: value, KEY=value, "KEY": "value", or a URL's user:password@host.
+    assignment = re.compile(r"""\b\w*(?:PASSWORD|AUTH_STRING)\w*["']?\s*[:=]\s*["']?([^\s"',}]+)""")
+    url_password = re.compile(r"://[\w.-]+:([^@\s/]+)@")
+    offenders = []
+    for rel in tracked:
+        path = ROOT / rel
+        if rel.startswith("tests/") or not path.is_file() or path.stat().st_size > 1_000_000:
+            continue
+        text = path.read_text(errors="replace")
+        for match in [*assignment.finditer(text), *url_password.finditer(text)]:
+            value = match.group(1)
+            if not value.startswith(("${", "<", "{{")):  # a reference or a placeholder
+                offenders.append(f"{rel}: {match.group(0)}")
+    assert offenders == []
 
 
 def test_compose_gpu_worker_is_optional_and_reserves_gpus():
