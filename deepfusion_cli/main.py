@@ -193,7 +193,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the parameter init, data order and "
                                            "span corruption.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    processes: Annotated[int, typer.Option(
+    processes: Annotated[int, typer.Option(min=1,
         help="Run as N cooperating JAX processes on this machine, splitting its CPU devices "
              "(XLA_FLAGS) between them.")] = 1,
 ):

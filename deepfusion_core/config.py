@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 T5_VOCAB_SIZE = 32128  # 32000 SentencePiece pieces + 100 sentinels, padded to a multiple of 128
+MAX_SEED = 2**32 - 1  # every seed (params, data, fusion noise) fits what JAX, numpy and TF take
 
 
 class T5Config(BaseModel):

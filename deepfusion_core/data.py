@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deepfusion_core.config import MAX_SEED
+
 
 @contextlib.contextmanager
 def _quiet_tensorflow_startup():
@@ -101,7 +103,7 @@ class DataConfig(BaseModel):
     inputs_length: int = Field(default=128, ge=8)
     targets_length: int = Field(default=32, ge=2)  # 128 needs 29; T5's 512 needs 114
     batch_size: int = Field(default=8, gt=0)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     pack: bool = True
 
     @field_validator("source")

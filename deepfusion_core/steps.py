@@ -18,7 +18,7 @@ import optax
 from pydantic import BaseModel, ConfigDict, Field
 
 from deepfusion_core import adafactor, sharding, train_checkpoint
-from deepfusion_core.config import T5Config
+from deepfusion_core.config import MAX_SEED, T5Config
 from deepfusion_core.model import T5, init_params, param_shapes
 
 BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
@@ -31,7 +31,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(gt=0)
-    seed: int = Field(default=0, ge=0)  # parameter initialisation (the data seed is separate)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # parameter init (the data seed is separate)
     optimizer: Literal["adafactor", "adamw"] = "adafactor"
     learning_rate: float = Field(default=0.01, gt=0)  # peak; T5 uses 0.01 with Adafactor
     warmup_steps: int = Field(default=100, ge=0)

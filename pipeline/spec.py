@@ -28,13 +28,14 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
 
-from deepfusion_core.config import T5Config
+from deepfusion_core.config import MAX_SEED, T5Config
 from deepfusion_core.sharding import parse_mesh
 
 
 SEED_STRIDE = 1000  # replica k of a stages file offsets every seed by k * SEED_STRIDE
 MAX_REPLICAS = 100
-MAX_SEED = 2**31 - 1  # with replicas' offsets, still inside what JAX and numpy take as a seed
+# A node's seed plus the largest replica offset stays within the core's MAX_SEED.
+MAX_NODE_SEED = MAX_SEED - (MAX_REPLICAS - 1) * SEED_STRIDE
 MAX_STAGES_BYTES = 1 << 20
 # Pipeline, profile and node names become directory names under the runs directory: one
 # path component, no "..", nothing a shell or a file system treats specially.
@@ -157,7 +158,7 @@ class TrainNode(_Strict):
 
     train: str
     init: str | None = None
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # parameter init and data order
+    seed: int = Field(default=0, ge=0, le=MAX_NODE_SEED)  # parameter init and data order
     overrides: TrainOverrides = TrainOverrides()
     description: str = ""
 
@@ -172,7 +173,7 @@ class FuseNode(_Strict):
     norm: Literal["prop", "rule"] | None = None
     cross_std: float = Field(default=0.0, ge=0)
     weights: list[Annotated[float, Field(gt=0)]] | None = None  # averaging weights, sum 1
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    seed: int = Field(default=0, ge=0, le=MAX_NODE_SEED)
     description: str = ""
 
     @field_validator("weights")

@@ -125,3 +125,14 @@ def test_fuse_does_not_create_missing_parent_directories(ckpts, tmp_path):
     result = invoke("fuse", ckpts / "a", ckpts / "b", "--out", out)
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**64)], "seed: Input should be less than or equal to 4294967295"),
+    (["--vocab", "t5:/etc/hostname"], "is not a SentencePiece model"),
+])
+def test_train_refuses_bad_input_before_creating_the_workdir(tmp_path, args, message):
+    result = invoke("train", "--model", "tiny-S", "--steps", "2", "--workdir", tmp_path / "w",
+                    "--no-progress", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "w").exists()
