@@ -3,7 +3,8 @@
 Records carry a `kind`: "train" (per step), "eval" (per evaluation) and "summary" (the
 node's cumulative totals, written at the end). After a resume from step k the records past k
 (work that was lost with the crash) are dropped, so the file always describes one
-uninterrupted run.
+uninterrupted run: each step's and each evaluation's record exactly once. (A run that starts
+over from step 0 drops everything: its step-0 evaluation is written again.)
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ class MetricsLog:
         # Disabled (writes nothing) in all but one process of a multi-process node.
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
+        self._logged: set[tuple] = set()  # (kind, step) of the step and eval records in the file
         if not enabled:
             return
-        kept = [r for r in read_metrics(self.path)
-                if r.get("step", 0) <= resumed_step and r.get("kind") != "summary"]
+        kept = [r for r in read_metrics(self.path)  # nothing when the run starts over
+                if resumed_step > 0 and r["step"] <= resumed_step and r["kind"] != "summary"]
+        self._logged = {(r.get("kind"), r.get("step")) for r in kept}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)  # atomic: a crash here leaves the old or the new file
@@ -40,8 +43,12 @@ class MetricsLog:
             str(workdir / "tensorboard"), just_logging=False, asynchronous=True)
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
+        """Append `record`, unless the file already has this step's record of its kind (an
+        evaluation of the resumed step, repeated after a crash between the save and DONE)."""
+        key = (record.get("kind"), record.get("step"))
+        if not self.enabled or (key[0] != "summary" and key in self._logged):
             return
+        self._logged.add(key)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         scalars = {f"{record['kind']}/{k}": v for k, v in record.items()

@@ -250,3 +250,42 @@ def test_sigterm_right_after_a_regular_save_stops_cleanly_and_resumes_bit_identi
     train(PRESETS["tiny-S"], tc, dc, tmp_path / "stopped", progress=False)
     train(PRESETS["tiny-S"], tc, dc, tmp_path / "straight", progress=False)
     assert leaves_equal(load_model(tmp_path / "stopped")[1], load_model(tmp_path / "straight")[1])
+
+
+def _metric_values(workdir):
+    """The records of metrics.jsonl without their timings (which differ run to run) and the
+    summary's first_step (where this invocation resumed)."""
+    timing = {"step_time_s", "tokens_per_s", "flops_per_s", "wall_s", "device_s", "run_wall_s",
+              "first_step"}
+    return [{k: v for k, v in r.items() if k not in timing}
+            for r in read_metrics(Path(workdir) / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("crash_at_save, save_lands", [(1, False), (3, True)])
+def test_metrics_hold_each_record_once_after_a_crash(tmp_path, monkeypatch, crash_at_save,
+                                                     save_lands):
+    # A crash before the first checkpoint left the step-0 evaluation twice; one after the
+    # final save (before DONE) logged the final evaluation again on the rerun.
+    from deepfusion_core import train as train_module
+
+    dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
+                    batch_size=2)
+    tc = TrainConfig(steps=6, save_every=2, eval_every=2, eval_batches=1, warmup_steps=1)
+    real_save, saves = train_module.train_checkpoint.save, []
+
+    def crash_at_nth_save(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == crash_at_save:
+            if save_lands:
+                real_save(*args, **kwargs)
+                args[0].wait_until_finished()
+            raise SystemExit("killed")
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module.train_checkpoint, "save", crash_at_nth_save)
+    with pytest.raises(SystemExit):
+        train(PRESETS["tiny-S"], tc, dc, tmp_path / "crashed", progress=False)
+    monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
+    train(PRESETS["tiny-S"], tc, dc, tmp_path / "crashed", progress=False)
+    train(PRESETS["tiny-S"], tc, dc, tmp_path / "straight", progress=False)
+    assert _metric_values(tmp_path / "crashed") == _metric_values(tmp_path / "straight")
