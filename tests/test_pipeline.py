@@ -72,14 +72,18 @@ def test_smoke_dag_runs_every_node_and_reports_six_settings(smoke_run):
 
 
 @pytest.mark.slow
-def test_setting_2_self_fusion_computes_m12s_function(smoke_run):
+def test_setting_2_self_fusion_computes_m12s_function(smoke_run, tmp_path):
     # L2f = self-fuse(M12), M12 grown by fusion-prop: the default norm keeps its groups, so
-    # the fused model is M12's function exactly (one merged RMSNorm moved it).
-    plan = smoke_run[0]
+    # with zero cross blocks the fused model is M12's function (one merged RMSNorm moved it).
+    # The shipped L2f adds cross noise (cross_std 1e-3): this edit runs only a new L2f.
+    plan, _, _, runs, _ = smoke_run
+    edited = build_plan(edited_stages(tmp_path, lambda raw: raw["nodes"]["L2f"].update(
+        cross_std=0.0)), "smoke", runs)
+    assert run_plan(edited, only=["L2f"], log=lambda m: None)["L2f"] == "ran"
     m12 = load_model(model_path(plan.nodes["M12"]))
-    l2f = load_model(model_path(plan.nodes["L2f"]))
+    l2f = load_model(model_path(edited.nodes["L2f"]))
     assert m12[0].norm_groups == (32, 32) and l2f[0].norm_groups == (32, 32, 32, 32)
-    assert plan.nodes["L2f"].model == l2f[0]
+    assert plan.nodes["L2f"].model == edited.nodes["L2f"].model == l2f[0]
     enc = np.array([[5, 6, 7, 8, 9, 0]]); dec = np.array([[0, 10, 11, 12]])
     assert float(np.abs(forward(*l2f, enc, dec) - forward(*m12, enc, dec)).max()) <= 1e-5
 
