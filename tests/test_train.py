@@ -206,15 +206,26 @@ def test_a_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
     assert load_model("w")[1] is not None
 
 
+SMALL_DATA = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
+                        batch_size=2)
+SMALL_TRAIN = TrainConfig(steps=6, save_every=2, eval_every=2, eval_batches=1, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted SMALL_TRAIN run, the reference the crash tests compare with."""
+    workdir = tmp_path_factory.mktemp("straight") / "w"
+    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, workdir, progress=False)
+    return workdir
+
+
 def test_a_non_finite_loss_fails_the_run_at_its_step_and_saves_nothing_of_it(tmp_path):
     # A learning rate of 1e30 is finite (the stages schema lets it through) but blows the
     # parameters up within a few steps: the run must stop, never save or log a NaN.
-    dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
-                    batch_size=2)
     tc = TrainConfig(steps=12, save_every=1, warmup_steps=1, learning_rate=1e30,
                      grad_clip=None)
     with pytest.raises(TrainingDiverged, match=r"training diverged at step") as info:
-        train(PRESETS["tiny-S"], tc, dc, tmp_path / "w", progress=False)
+        train(PRESETS["tiny-S"], tc, SMALL_DATA, tmp_path / "w", progress=False)
     failed_step = int(str(info.value).split("step ")[1].split(":")[0])
     records = read_metrics(tmp_path / "w" / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, failed_step))
@@ -227,15 +238,12 @@ def test_a_non_finite_loss_fails_the_run_at_its_step_and_saves_nothing_of_it(tmp
 
 
 def test_sigterm_right_after_a_regular_save_stops_cleanly_and_resumes_bit_identically(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, straight_run):
     # The stop's own save used to collide with the regular save of the same step
     # (StepAlreadyExistsError), failing a cancelled node instead of stopping it.
     from deepfusion_core import train as train_module
     from deepfusion_core.train import Preempted
 
-    dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
-                    batch_size=2)
-    tc = TrainConfig(steps=6, save_every=2, warmup_steps=1)
     real_save = train_module.train_checkpoint.save
 
     def save_then_sigterm(manager, step, *args, **kwargs):
@@ -245,11 +253,10 @@ def test_sigterm_right_after_a_regular_save_stops_cleanly_and_resumes_bit_identi
 
     monkeypatch.setattr(train_module.train_checkpoint, "save", save_then_sigterm)
     with pytest.raises(Preempted, match="at step 2"):
-        train(PRESETS["tiny-S"], tc, dc, tmp_path / "stopped", progress=False)
+        train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "stopped", progress=False)
     monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
-    train(PRESETS["tiny-S"], tc, dc, tmp_path / "stopped", progress=False)
-    train(PRESETS["tiny-S"], tc, dc, tmp_path / "straight", progress=False)
-    assert leaves_equal(load_model(tmp_path / "stopped")[1], load_model(tmp_path / "straight")[1])
+    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "stopped", progress=False)
+    assert leaves_equal(load_model(tmp_path / "stopped")[1], load_model(straight_run)[1])
 
 
 def _metric_values(workdir):
@@ -263,14 +270,11 @@ def _metric_values(workdir):
 
 @pytest.mark.parametrize("crash_at_save, save_lands", [(1, False), (3, True)])
 def test_metrics_hold_each_record_once_after_a_crash(tmp_path, monkeypatch, crash_at_save,
-                                                     save_lands):
+                                                     save_lands, straight_run):
     # A crash before the first checkpoint left the step-0 evaluation twice; one after the
     # final save (before DONE) logged the final evaluation again on the rerun.
     from deepfusion_core import train as train_module
 
-    dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
-                    batch_size=2)
-    tc = TrainConfig(steps=6, save_every=2, eval_every=2, eval_batches=1, warmup_steps=1)
     real_save, saves = train_module.train_checkpoint.save, []
 
     def crash_at_nth_save(*args, **kwargs):
@@ -284,8 +288,7 @@ def test_metrics_hold_each_record_once_after_a_crash(tmp_path, monkeypatch, cras
 
     monkeypatch.setattr(train_module.train_checkpoint, "save", crash_at_nth_save)
     with pytest.raises(SystemExit):
-        train(PRESETS["tiny-S"], tc, dc, tmp_path / "crashed", progress=False)
+        train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "crashed", progress=False)
     monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
-    train(PRESETS["tiny-S"], tc, dc, tmp_path / "crashed", progress=False)
-    train(PRESETS["tiny-S"], tc, dc, tmp_path / "straight", progress=False)
-    assert _metric_values(tmp_path / "crashed") == _metric_values(tmp_path / "straight")
+    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "crashed", progress=False)
+    assert _metric_values(tmp_path / "crashed") == _metric_values(straight_run)
