@@ -232,13 +232,15 @@ def bench_checkpoint(preset: str = "cpu-L", directory: str | None = None,
     import orbax.checkpoint as ocp
 
     from deepfusion_core.checkpoint import load_model, save_model
+    from deepfusion_core.checksums import tree_checksums
 
     cfg = PRESETS[preset]
     params = _random_params(param_shapes(cfg), 0)
     leaves = jax.tree.leaves(params)
     nbytes = _tree_bytes(params)
     root = Path(tempfile.mkdtemp(prefix="deepfusion-bench-ckpt-", dir=directory))
-    times = {"orbax_save": [], "orbax_restore": [], "raw_write": [], "raw_write_cached": [],
+    times = {"orbax_save": [], "orbax_restore": [], "checksums": [], "raw_write": [],
+             "raw_write_cached": [],
              "raw_read": [], **{f"{v}_{op}": [] for v in ORBAX_VARIANTS for op in ("save", "restore")}}
     try:
         for i in range(repeats):
@@ -248,6 +250,9 @@ def bench_checkpoint(preset: str = "cpu-L", directory: str | None = None,
             start = time.perf_counter()
             jax.block_until_ready(load_model(root / f"orbax{i}")[1])
             times["orbax_restore"].append(time.perf_counter() - start)
+            start = time.perf_counter()  # part of the save above (and of the restore)
+            tree_checksums(params)
+            times["checksums"].append(time.perf_counter() - start)
             for variant, options in ORBAX_VARIANTS.items():
                 checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options))
                 start = time.perf_counter()
@@ -276,5 +281,7 @@ def bench_checkpoint(preset: str = "cpu-L", directory: str | None = None,
             "directory": str(root.parent),
             **{f"{k}_gb_per_s": round(v, 2) for k, v in gbps.items()},
             "save_over_raw": round(gbps["orbax_save"] / gbps["raw_write"], 2),
+            "checksums_s": round(best["checksums"], 4),
+            "checksums_over_save": round(best["checksums"] / best["orbax_save"], 3),
             "restore_over_raw": round(gbps["orbax_restore"] / gbps["raw_read"], 2),
             "machine": machine()}

@@ -4,6 +4,7 @@ Layout (a composite Orbax checkpoint, readable with plain `orbax.checkpoint`)::
 
     PATH/config/   JSON: the T5Config
     PATH/params/   PyTree checkpoint of the parameter tree (see `model` for names and shapes)
+    PATH/checksums/  JSON: each array's checksums (see `checksums`), verified on every load
 
 Orbax writes into a temporary directory and renames it when complete, so a crash never
 leaves a half-written PATH. Loading checks the stored tree against the config's shapes
@@ -30,6 +31,7 @@ import orbax.checkpoint as ocp
 import pydantic
 from flax import traverse_util
 
+from deepfusion_core import checksums
 from deepfusion_core.config import T5Config
 from deepfusion_core.model import Params, param_shapes
 
@@ -50,7 +52,8 @@ def item_handlers() -> dict[str, ocp.CheckpointHandler]:
     neither OCDBT nor zstd)."""
     return {"params": ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False),
             "opt_state": ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False),
-            "config": ocp.JsonCheckpointHandler(), "train_state": ocp.JsonCheckpointHandler()}
+            "config": ocp.JsonCheckpointHandler(), "train_state": ocp.JsonCheckpointHandler(),
+            "checksums": ocp.JsonCheckpointHandler()}
 
 
 def _model_checkpointer() -> ocp.Checkpointer:
@@ -72,9 +75,24 @@ def save_model(path: str | Path, cfg: T5Config, params: Params, overwrite: bool 
         raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
     _model_checkpointer().save(
         path, ocp.args.Composite(config=ocp.args.JsonSave(cfg.model_dump(mode="json")),
-                                 params=ocp.args.PyTreeSave(params)),
+                                 params=ocp.args.PyTreeSave(params),
+                                 checksums=ocp.args.JsonSave(
+                                     {"params": checksums.tree_checksums(params)})),
         force=overwrite)
     return path
+
+
+def verify_checksums(path: Path, items: dict, stored: dict | None) -> None:
+    """Raise `CheckpointError` if an array of `items` ({item name: tree}) differs from the
+    checksums saved with it. `stored` is None for checkpoints written before checksums."""
+    if stored is None:
+        return
+    for item, tree in items.items():
+        bad = checksums.mismatches(tree, stored.get(item, {}))
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise CheckpointError(f"{path}/{item} is corrupt: {bad[0]}{more} do not match the "
+                                  f"checksums saved with them")
 
 
 def check_params(cfg: T5Config, found: Params, where: str) -> None:
@@ -142,6 +160,12 @@ def load_model(path: str | Path) -> tuple[T5Config, Params]:
     stored = getattr(stored, "tree", stored)
     check_params(cfg, stored, where=f"checkpoint {path}")
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-    restored = checkpointer.restore(path, args=ocp.args.Composite(
-        params=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    items = {"params": ocp.args.PyTreeRestore(restore_args=restore_args)}
+    if (path / "checksums").is_dir():
+        items["checksums"] = ocp.args.JsonRestore()
+    try:
+        restored = checkpointer.restore(path, args=ocp.args.Composite(**items))
+    except (ValueError, OSError) as e:  # truncated or missing chunks
+        raise CheckpointError(f"{path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    verify_checksums(path, {"params": restored.params}, restored.get("checksums"))
     return cfg, restored.params

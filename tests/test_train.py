@@ -106,22 +106,6 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(shared_data, tmp_path):
     assert steps == [last] and last >= 7
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous_step(shared_data, tmp_path):
-    dc = DataConfig(source=f"c4:{shared_data / 'c4' / 'en'}", vocab="byte",
-                    inputs_length=64, targets_length=16, batch_size=4)
-    cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384})
-    train(cfg, TrainConfig(steps=10, save_every=5, keep_last=3), dc, tmp_path, progress=False)
-    # The biggest file of the step is array data, whatever the storage layout.
-    files = [p for p in (tmp_path / "checkpoints" / "10" / "params").rglob("*") if p.is_file()]
-    biggest = max(files, key=lambda p: p.stat().st_size)
-    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    warnings = []
-    summary = train(cfg, TrainConfig(steps=12, save_every=5, keep_last=3), dc, tmp_path,
-                    progress=False, log=warnings.append)
-    assert summary["first_step"] == 5
-    assert any("step 10" in w and "falling back to step 5" in w for w in warnings), warnings
-
-
 SHARDED_SCRIPT = """
 import json, sys
 from deepfusion_core import PRESETS
