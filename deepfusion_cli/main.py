@@ -1,13 +1,13 @@
 """The `deepfusion` command line: the top of the house, it may import every layer.
 
-Every command turns a user error (bad path, unfusable models, mismatched checkpoint, ...)
-into one line on stderr and exit status 2, before anything is written.
+Every command reports bad input as one `error: ...` line per problem on stderr with exit
+status 2, a full disk as one line with status 1 (`deepfusion_cli.errors`, for all commands
+alike). Each checks its inputs before writing anything, and never creates a missing parent of
+the path it was asked to write.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
 import sys
@@ -17,14 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Grow T5 models by deep fusion: train, fuse, convert, benchmark.")
-model_app = typer.Typer(no_args_is_help=True, help="Inspect models and presets.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (one line of figures + JSON).")
-app.add_typer(model_app, name="model")
-app.add_typer(bench_app, name="bench")
-
-USAGE_ERROR = 2
+from deepfusion_cli.errors import FAILURE, USAGE_ERROR, Commands
 
 
 def fail(message: str) -> None:
@@ -33,27 +26,27 @@ def fail(message: str) -> None:
     raise typer.Exit(USAGE_ERROR)
 
 
-@contextlib.contextmanager
-def exit_on_preemption():
-    """A node stopped by SIGTERM/SIGINT has saved its checkpoint: exit 128 + signal."""
-    from deepfusion_core.train import Preempted
-
-    try:
-        yield
-    except Preempted as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(128 + e.signum) from None
+app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False,
+                  help="Grow T5 models by deep fusion: train, fuse, convert, benchmark.")
+model_app = typer.Typer(cls=Commands, no_args_is_help=True, help="Inspect models and presets.")
+bench_app = typer.Typer(cls=Commands, no_args_is_help=True,
+                        help="Benchmarks (one line of figures + JSON).")
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
 
 
-def user_errors(fn):
-    """Report the library's input errors (all ValueError/OSError subclasses) as one line."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError) as e:
-            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return wrapper
+def _writable(path: Path, option: str, new: bool = False, directory: bool = True) -> None:
+    """Refuse, before anything is written, a `path` to write that exists (`new`) or is of the
+    wrong kind, or whose parent directory is missing: commands never create the parents."""
+    if path.exists():
+        if new:
+            fail(f"{option} {path} already exists; choose a new path")
+        if path.is_dir() != directory:
+            fail(f"{option} {path} is {'not ' if directory else ''}a directory")
+        return
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        fail(f"{option} {path}: the directory {parent} does not exist")
 
 
 def _resolve_config(preset_or_ckpt: str):
@@ -68,8 +61,18 @@ def _resolve_config(preset_or_ckpt: str):
     return read_config(preset_or_ckpt)
 
 
+def _preset(name: str, dtype: str | None = None) -> None:
+    """Refuse an unknown preset or compute dtype before a benchmark starts."""
+    from deepfusion_core import PRESETS
+    from deepfusion_core.config import T5Config
+
+    if name not in PRESETS:
+        fail(f"--preset {name!r} is not a preset ({', '.join(PRESETS)})")
+    if dtype is not None:
+        T5Config.model_validate({**PRESETS[name].model_dump(), "dtype": dtype})
+
+
 @model_app.command("info")
-@user_errors
 def model_info(preset_or_ckpt: str,
                as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False):
     """Dimensions, parameter count and norm groups of a preset or a checkpoint."""
@@ -100,7 +103,6 @@ def _parse_weights(text: Optional[str], n: int) -> Optional[list[float]]:
 
 
 @app.command()
-@user_errors
 def fuse(checkpoints: Annotated[list[Path], typer.Argument(help="Two or more model checkpoints "
                                                           "(the same one twice: self fusion).")],
          out: Annotated[Path, typer.Option(help="Where to write the fused checkpoint.")],
@@ -117,10 +119,7 @@ def fuse(checkpoints: Annotated[list[Path], typer.Argument(help="Two or more mod
     from deepfusion_core.checkpoint import read_config
     from deepfusion_core.fusion import check_fuse_options, check_fusable
 
-    if out.exists():
-        fail(f"--out {out} already exists; choose a new path")
-    if not out.absolute().parent.is_dir():
-        fail(f"--out {out}: the directory {out.absolute().parent} does not exist")
+    _writable(out, "--out", new=True)
     if norm not in (None, "prop", "rule"):
         fail(f"--norm must be prop or rule, got {norm!r}")
     parsed_weights = _parse_weights(weights, len(checkpoints))
@@ -139,21 +138,23 @@ def fuse(checkpoints: Annotated[list[Path], typer.Argument(help="Two or more mod
 
 
 @app.command("import-hf")
-@user_errors
 def import_hf(hf_dir: Path, out: Path):
     """Convert a transformers T5ForConditionalGeneration (T5.1.1) directory to a checkpoint."""
     from deepfusion_core.hf import import_hf as convert
 
+    if not hf_dir.is_dir():
+        fail(f"{hf_dir} is not a directory (an HF model is saved as one)")
+    _writable(out, "OUT", new=True)
     path = convert(hf_dir, out)
     typer.echo(f"imported {hf_dir} into {path}")
 
 
 @app.command("export-hf")
-@user_errors
 def export_hf(ckpt: Path, out_dir: Path):
     """Write a checkpoint as a transformers T5ForConditionalGeneration directory."""
     from deepfusion_core.hf import export_hf as convert
 
+    _writable(out_dir, "OUT_DIR", new=True)
     path = convert(ckpt, out_dir)
     typer.echo(f"exported {ckpt} to {path}")
 
@@ -167,7 +168,6 @@ def _parse_seq_len(text: str) -> tuple[int, int]:
 
 
 @app.command()
-@user_errors
 def train(
     workdir: Annotated[Path, typer.Option(help="Checkpoints, metrics.jsonl and TensorBoard "
                                                "events go here; resumes if it holds checkpoints.")],
@@ -198,8 +198,7 @@ def train(
              "(XLA_FLAGS) between them.")] = 1,
 ):
     """Train a model (or resume its workdir) on span-corrupted text."""
-    from pydantic import ValidationError
-
+    _writable(workdir, "--workdir")
     _launch_or_join(processes, batch)
 
     from deepfusion_core.checkpoint import read_config
@@ -210,25 +209,19 @@ def train(
     if model is None and init is None:
         fail("give --model (a preset or checkpoint) or --init (a checkpoint)")
     inputs_length, targets_length = _parse_seq_len(seq_len)
-    try:
-        dc = DataConfig(source=data, vocab=vocab, inputs_length=inputs_length,
-                        targets_length=targets_length, batch_size=batch, seed=seed)
-        tc = TrainConfig(steps=steps, seed=seed, optimizer=optimizer, learning_rate=lr, warmup_steps=warmup,
-                         eval_every=eval_every, eval_batches=eval_batches, save_every=save_every,
-                         mesh=mesh)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(map(str, err["loc"])) or "options"
-        fail(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    dc = DataConfig(source=data, vocab=vocab, inputs_length=inputs_length,
+                    targets_length=targets_length, batch_size=batch, seed=seed)
+    tc = TrainConfig(steps=steps, seed=seed, optimizer=optimizer, learning_rate=lr,
+                     warmup_steps=warmup, eval_every=eval_every, eval_batches=eval_batches,
+                     save_every=save_every, mesh=mesh)
     from deepfusion_core import PRESETS
     if model in PRESETS:
         cfg = PRESETS[model].model_copy(
             update={"vocab_size": vocab_size_for_model(get_vocabulary(vocab))})
     else:
         cfg = _resolve_config(model) if model is not None else read_config(init)
-    with exit_on_preemption():
-        summary = run(cfg, tc, dc, workdir, init=init, progress=progress,
-                      log=lambda m: typer.echo(m, err=True))
+    summary = run(cfg, tc, dc, workdir, init=init, progress=progress,
+                  log=lambda m: typer.echo(m, err=True))
     if summary is not None:  # the other processes of a multi-process run print nothing
         typer.echo(json.dumps(summary))
 
@@ -238,32 +231,28 @@ def _launch_or_join(processes: int, batch_size: int) -> None:
     one of them (or on a cluster host), join the process group the environment describes."""
     from deepfusion_core import distributed
 
-    try:
-        if processes > 1 and not (os.environ.get(distributed.ENV_COORDINATOR)
-                                  or os.environ.get(distributed.ENV_AUTO)):
-            devices = distributed.local_cpu_device_count(dict(os.environ))
-            distributed.check_processes(processes, devices, batch_size)
-            argv = [sys.executable, "-m", "deepfusion_cli.main", *sys.argv[1:]]
-            raise typer.Exit(distributed.launch_local(argv, processes, devices))
-        distributed.initialize_from_env()
-    except distributed.DistributedError as e:
-        fail(str(e))
+    if processes > 1 and not (os.environ.get(distributed.ENV_COORDINATOR)
+                              or os.environ.get(distributed.ENV_AUTO)):
+        devices = distributed.local_cpu_device_count(dict(os.environ))
+        distributed.check_processes(processes, devices, batch_size)
+        argv = [sys.executable, "-m", "deepfusion_cli.main", *sys.argv[1:]]
+        raise typer.Exit(distributed.launch_local(argv, processes, devices))
+    distributed.initialize_from_env()
 
 
 STAGES_DEFAULT = Path("stages.yaml")
 
 
-def _plan(stages: Path, profile: Optional[str], runs_dir: Path):
-    """Build the plan or exit 2 with one line per problem (nothing is written)."""
+def _plan(stages: Path, profile: Optional[str], runs_dir: Path, writes: bool = False):
+    """The plan (a bad stages file raises `StagesError`: one line per problem). A command that
+    `writes` into the runs directory needs it, or its parent, to be a directory."""
     from pipeline.plan import build_plan
-    from pipeline.spec import StagesError
 
-    try:
-        return build_plan(stages, profile, runs_dir)
-    except StagesError as e:
-        for problem in e.problems:
-            typer.echo(f"error: {problem}", err=True)
-        raise typer.Exit(USAGE_ERROR)
+    if writes:
+        _writable(runs_dir, "--runs-dir")
+    elif runs_dir.exists() and not runs_dir.is_dir():
+        fail(f"--runs-dir {runs_dir} is not a directory")
+    return build_plan(stages, profile, runs_dir)
 
 
 StagesArg = Annotated[Path, typer.Argument(help="The stages file.")]
@@ -335,26 +324,20 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                 help="Run only these nodes (and the ancestors they need).")] = None,
             progress: Annotated[bool, typer.Option(help="Progress bars.")] = True):
     """Run the DAG locally (no Prefect): every node not done, then the report."""
-    from pipeline.execute import run_plan
+    plan = _plan(stages, profile, runs_dir, writes=True)
+    from pipeline.execute import run_plan  # after the plan, as in status
     from pipeline.report import write_report
-    from pipeline.store import LockedError
 
-    plan = _plan(stages, profile, runs_dir)
     unknown = [n for n in node or [] if n not in plan.nodes]
     if unknown:
         fail(f"--node: {', '.join(unknown)} not in {stages}")
-    try:
-        with exit_on_preemption():
-            outcome = run_plan(plan, node, log=lambda m: typer.echo(m, err=True),
-                               progress=progress)
-    except LockedError as e:
-        fail(str(e))
+    outcome = run_plan(plan, node, log=lambda m: typer.echo(m, err=True), progress=progress)
     report = write_report(plan)
     typer.echo(f"report: {report['markdown']}")
     failed = [n for n, o in outcome.items() if not o.startswith(("done", "ran"))]
     if failed:
         typer.echo(f"not done: {', '.join(failed)}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(FAILURE)
 
 
 @app.command("run-node")
@@ -366,16 +349,19 @@ def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: Profile
     one machine, or one per host where the cluster starts this command on every host with
     DEEPFUSION_DISTRIBUTED=auto (see deepfusion_core/distributed.py).
     """
+    from pipeline import store
     from pipeline.execute import run_node
 
-    plan = _plan(stages, profile, runs_dir)
+    plan = _plan(stages, profile, runs_dir, writes=True)
     if node not in plan.nodes:
         fail(f"{node!r} is not a node of {stages}")
+    missing = [p for p in plan.nodes[node].parents if not store.is_done(plan.nodes[p].dir)]
+    if missing:
+        fail(f"{node}: its parents are not done: {', '.join(missing)} (run them first)")
     processes = plan.stages.profiles[plan.profile].processes
     if plan.nodes[node].kind == "train" and processes > 1:
         _launch_or_join(processes, plan.nodes[node].data.batch_size)
-    with exit_on_preemption():
-        summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
+    summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
     if summary is not None:
         typer.echo(json.dumps(summary))
 
@@ -388,9 +374,12 @@ def flow_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
              force: Annotated[bool, typer.Option(help="Recompute even DONE nodes.")] = False):
     """Run the DAG as the Prefect flow `staged-growth` (a temporary local server unless
     PREFECT_API_URL points at one)."""
+    plan = _plan(stages, profile, runs_dir, writes=True)  # before starting Prefect
+    unknown = [n for n in node or [] if n not in plan.nodes]
+    if unknown:
+        fail(f"--node: {', '.join(unknown)} not in {stages}")
     from flows.staged_growth import staged_growth
 
-    _plan(stages, profile, runs_dir)  # refuse a bad file before starting Prefect
     result = staged_growth(str(stages), profile, node, force, str(runs_dir))
     typer.echo(f"report: {result['report']}")
 
@@ -399,10 +388,12 @@ def flow_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
 def status_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                runs_dir: RunsOpt = Path("runs")):
     """Live progress: each node's state and latest step, read from the node store."""
+    plan = _plan(stages, profile, runs_dir)
+    # After planning: the plan imports TensorFlow quietly (deepfusion_core.data), the metrics'
+    # TensorBoard writer would not.
     from deepfusion_core.metrics import read_metrics
     from pipeline.plan import plan_records
 
-    plan = _plan(stages, profile, runs_dir)
     for r in plan_records(plan):
         line = f"{r['name']:<6} {r['state']:<10}"
         if r["kind"] == "train" and r["state"] != "to run":
@@ -423,11 +414,13 @@ def report_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                         "... `<!-- end report -->` (REPRODUCTION.md), its plot beside it.")] = None):
     """Write the settings table (Markdown, CSV), the paper's claims checked and the
     accuracy-vs-compute plot from the node store."""
-    from pipeline.report import has_block, update_document, write_report
-
     if into is not None and not into.is_file():
         fail(f"--into: {into} is not a file")
+    if not runs_dir.is_dir():
+        fail(f"--runs-dir {runs_dir} is not a directory of runs (nothing has run there)")
     plan = _plan(stages, profile, runs_dir)
+    from pipeline.report import has_block, update_document, write_report  # as in status
+
     if into is not None and not has_block(into, plan):
         fail(f"--into: {into} has no block '<!-- report {plan.stages_path.name} "
              f"{plan.profile} -->'")
@@ -445,6 +438,7 @@ def schema_cmd(out: Annotated[Path, typer.Option(help="Where to write it.")] =
     """Write the JSON Schema of stages files (for editors)."""
     from pipeline.spec import json_schema
 
+    _writable(out, "--out", directory=False)
     out.write_text(json.dumps(json_schema(), indent=1) + "\n")
     typer.echo(f"wrote {out}")
 
@@ -464,7 +458,10 @@ def _emit(record: dict, line: str) -> None:
 def bench_fuse(preset: str = "table7-M", cross_std: float = 0.0):
     """Fuse two random PRESET models; compare wall time and peak RSS with the copy bound."""
     from deepfusion_core.benchmarks import bench_fuse as run
+    from deepfusion_core.fusion import check_fuse_options
 
+    _preset(preset)
+    check_fuse_options(2, cross_std, None)
     r = run(preset, cross_std)
     _emit(r, f"fuse {r['inputs']} -> {r['output_gb']} GB: wall {r['wall_s']}s = "
              f"{r['wall_over_copy']}x copy ({r['copy_s']}s); peak RSS {r['peak_rss_gb']} GB = "
@@ -479,7 +476,10 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", s
     """Train-step tokens/s and FLOP/s against this process's GEMM peak and PyTorch T5."""
     from deepfusion_core.benchmarks import bench_step as run
 
+    _preset(preset, dtype)
     inputs_length, targets_length = _parse_seq_len(seq_len)
+    if batch < 1 or steps < 1:
+        fail(f"--batch and --steps must be positive, got {batch} and {steps}")
     r = run(preset, batch, inputs_length, targets_length, steps, dtype, torch_baseline=torch,
             remat=remat)
     line = (f"step {preset} {dtype} batch {batch}x{seq_len} on {r['devices']} {r['device']}: "
@@ -502,8 +502,12 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, seq_len: str = "512,
                  remat: Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")] = False):
     """The planner's memory estimate per device against XLA's analysis of the compiled step."""
     from deepfusion_core.benchmarks import bench_memory as run
+    from deepfusion_core.config import PRESETS
+    from deepfusion_core.sharding import check_mesh, parse_mesh
 
+    _preset(preset, dtype)
     inputs_length, targets_length = _parse_seq_len(seq_len)
+    check_mesh(parse_mesh(mesh), PRESETS[preset], batch)
     r = run(preset, batch, inputs_length, targets_length, dtype, remat, mesh)
     _emit(r, f"memory {preset} {dtype} batch {batch}x{seq_len} {r['mesh']}{' remat' if remat else ''} "
              f"on {r['device']}: XLA {r['xla_gib']} GiB per device, estimate "
@@ -516,6 +520,9 @@ def bench_checkpoint(preset: str = "cpu-L", directory: Annotated[Optional[Path],
     """Orbax save/restore of a model against a raw write/read of the same bytes."""
     from deepfusion_core.benchmarks import bench_checkpoint as run
 
+    _preset(preset)
+    if directory is not None and not directory.is_dir():
+        fail(f"--directory {directory} is not a directory")
     r = run(preset, str(directory) if directory else None)
     _emit(r, f"checkpoint {preset} ({r['gb']} GB) in {r['directory']}: Orbax save "
              f"{r['orbax_save_gb_per_s']} GB/s vs raw write + fsync {r['raw_write_gb_per_s']} "
@@ -529,9 +536,9 @@ def bench_prefect(stages: StagesArg = STAGES_DEFAULT, profile: str = "smoke",
                   runs_dir: Annotated[Optional[Path], typer.Option(
                       help="Runs directory (default: a fresh temporary one).")] = None):
     """Prefect's overhead per node and the wall time of a fully cached rerun."""
-    from flows.bench import bench_prefect as run
+    _plan(stages, profile, runs_dir or Path("runs"), writes=runs_dir is not None)
+    from flows.bench import bench_prefect as run  # after the plan: Prefect takes seconds
 
-    _plan(stages, profile, runs_dir or Path("runs"))
     r = run(str(stages), profile, str(runs_dir) if runs_dir else None)
     _emit(r, f"prefect {r['nodes']} nodes ({r['profile']}): overhead per node "
              f"{r['prefect_overhead_per_node_s']}s Prefect + {r['process_overhead_per_node_s']}s "
@@ -545,6 +552,9 @@ def bench_all(out: Annotated[Path, typer.Option(help="Append every JSON record h
               torch: Annotated[bool, typer.Option(help="Include the PyTorch baseline.")] = True):
     """Every benchmark in turn with its defaults: step (cpu-M, batch 8 and 32), fuse,
     checkpoint, memory (cpu-M), and Prefect's overhead with a fully cached rerun."""
+    _writable(out, "--out", directory=False)
+    if prefect:
+        _plan(STAGES_DEFAULT, "smoke", Path("runs"))  # before minutes of other benchmarks
     _records_file.append(out)
     try:
         bench_step(batch=8, torch=torch)

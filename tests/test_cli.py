@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -136,3 +137,129 @@ def test_train_refuses_bad_input_before_creating_the_workdir(tmp_path, args, mes
                     "--no-progress", *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------- every command's bad input
+
+STAGES = Path(__file__).resolve().parents[1] / "stages.yaml"
+# One hostile input per registered command (paths under the test's directory T), and a
+# fragment of the one line it must print.
+HOSTILE = {
+    "fuse": (["T/missing-a", "T/missing-b", "--out", "T/out"], "the path does not exist"),
+    "import-hf": (["T/file.txt", "T/out"], "is not a directory"),
+    "export-hf": (["T/missing", "T/file.txt"], "already exists"),
+    "train": (["--workdir", "T/w", "--steps", "2", "--model", "tiny-S", "--mesh", "data=0,model=1"],
+              "--mesh must look like data=D,model=M"),
+    "plan": ([STAGES, "--profile", "nope", "--runs-dir", "T/runs"], "profile 'nope' is not defined"),
+    "run": ([STAGES, "--profile", "smoke", "--runs-dir", "T/file.txt"], "is not a directory"),
+    "run-node": (["NOPE", STAGES, "--profile", "smoke", "--runs-dir", "T/runs"],
+                 "'NOPE' is not a node"),
+    "flow": ([STAGES, "--profile", "smoke", "--runs-dir", "T/no/such/runs"], "does not exist"),
+    "status": (["T/missing.yaml"], "no such stages file"),
+    "report": ([STAGES, "--runs-dir", "T", "--into", "T/missing.md"], "is not a file"),
+    "schema": (["--out", "T/no/such/dir/x.json"], "does not exist"),
+    "model info": (["T/file.txt"], "Not a directory"),
+    "bench fuse": (["--preset", "nope"], "is not a preset"),
+    "bench step": (["--preset", "tiny-S", "--seq-len", "12"], "--seq-len must be IN,OUT"),
+    "bench memory": (["--preset", "tiny-S", "--dtype", "float32", "--batch", "8", "--mesh",
+                      "data=3,model=1"], "mesh data=3,model=1"),
+    "bench checkpoint": (["--directory", "T/nonexistent"], "is not a directory"),
+    "bench prefect": (["T/missing.yaml"], "no such stages file"),
+    "bench all": (["--out", "T/no/dir/records.jsonl"], "does not exist"),
+}
+
+
+def _command_names(group, prefix=()) -> list[str]:
+    names = []
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            names += _command_names(command, (*prefix, name))
+        else:
+            names.append(" ".join((*prefix, name)))
+    return names
+
+
+def test_every_registered_command_has_a_hostile_case():
+    # A new command must come with its bad-input case below (its errors go through the same
+    # group class, deepfusion_cli.errors.Commands, as every other's).
+    import typer.main
+
+    assert sorted(_command_names(typer.main.get_command(app))) == sorted(HOSTILE)
+
+
+def _tree(root):
+    return {str(p): (p.is_dir(), p.stat().st_size if p.is_file() else 0) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("command", sorted(HOSTILE))
+def test_every_command_reports_bad_input_in_one_line_exit_2_writing_nothing(command, tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "file.txt").write_text("not a model\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    args, fragment = HOSTILE[command]
+    args = [str(a).replace("T/", f"{tmp_path}/") if str(a).startswith("T") else str(a)
+            for a in args]
+    args = [str(tmp_path) if a == "T" else a for a in args]
+    before = _tree(tmp_path)
+    result = runner.invoke(app, [*command.split(), *args])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+    assert _tree(tmp_path) == before
+
+
+def test_bad_input_is_one_line_in_a_real_process(tmp_path):
+    # What a terminal shows, C++ logging included (TensorFlow's start-up lines are not Python's
+    # stderr): the commands that import TensorFlow, started at once.
+    exe = os.path.join(os.path.dirname(sys.executable), "deepfusion")
+    cases = [["status", tmp_path / "missing.yaml"],
+             ["report", STAGES, "--runs-dir", tmp_path, "--into", tmp_path / "missing.md"],
+             ["run", STAGES, "--runs-dir", tmp_path / "no" / "runs"]]
+    procs = [subprocess.Popen([exe, *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in cases]
+    for args, proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and out == "", (args, out, err)
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), (args, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_keeps_its_traceback_and_input_errors_are_sorted_by_where_they_arise():
+    from deepfusion_cli.errors import input_problems, reported
+    from pipeline.spec import check_name
+
+    with pytest.raises(ZeroDivisionError), reported():
+        1 / 0
+    try:  # a ValueError from inside numpy: a bug of the caller, not bad input
+        np.reshape(np.arange(3), (2, 2))
+    except ValueError as e:
+        assert input_problems(e) is None
+    try:  # a ValueError the library raises about its input
+        check_name("../up", "node name")
+    except ValueError as e:
+        assert input_problems(e) == [str(e)] and "node name '../up'" in str(e)
+
+
+def test_a_full_disk_is_named_in_one_line():
+    # /dev/full answers every write with ENOSPC, as a full file system does.
+    from deepfusion_cli.errors import disk_full
+
+    with pytest.raises(OSError) as info:
+        with open("/dev/full", "w") as f:
+            f.write("x")
+    assert disk_full(info.value) == "disk full: [Errno 28] No space left on device"
+    try:
+        try:
+            raise OSError(28, "No space left on device", "/runs/x/checkpoints/4/params")
+        except OSError:
+            with open("/dev/full", "w") as f:  # a FAILED marker written after it
+                f.write("x")
+    except OSError as e:
+        assert disk_full(e) == ("disk full writing /runs/x/checkpoints/4/params: "
+                                "[Errno 28] No space left on device")
+    assert disk_full(ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/r/c/4/_sharding\": "
+                                "No space left on device [os_error_code='28']")) == (
+        "disk full writing /r/c/4/_sharding: [Errno 28] No space left on device")
+    assert disk_full(ValueError("no")) is None
