@@ -6,6 +6,12 @@ fails one task), its output forwarded line by line to the Prefect run logger. Ta
 submitted in topological order with their parents' futures as `wait_for`, so the UI draws the
 DAG; a failed node leaves only its descendants NotReady. Nodes already DONE finish at once in
 a `Cached` state. Running nodes hold a slot of the global concurrency limit `accelerator`.
+
+Stopping: a node stopped by SIGTERM/SIGINT saves a checkpoint of its current step and its task
+ends Cancelled (the next run resumes it). When the flow is interrupted (the worker's SIGTERM on
+cancel, Ctrl-C) every running node is told to stop and no other starts; when the worker that
+started the flow process dies, the flow process does the same to itself, so nothing trains on
+as an orphan. A node whose flow process dies gets SIGTERM from the kernel (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Completed
+from prefect.states import Cancelled, Completed
 
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
@@ -39,6 +45,13 @@ from pipeline.report import write_report
 ACCELERATOR_LIMIT = "accelerator"
 _local_slots = threading.BoundedSemaphore(1)  # resized by each flow run (thread task runner)
 _PR_SET_PDEATHSIG = 1
+# The server's shortest lease: a slot held by a flow process killed outright (no release) frees
+# after about a minute (plus the repossessor's 15 s loop) instead of Prefect's default 5 minutes.
+_LEASE_S = 60
+# How a node stopped by a signal exits: 128 + signal after saving its checkpoint, or killed by
+# the signal itself before training installed its handlers (its last checkpoint stands).
+_STOPPED = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT",
+            -signal.SIGTERM: "SIGTERM", -signal.SIGINT: "SIGINT"}
 
 
 def artifact_key(*parts: str) -> str:
@@ -54,6 +67,63 @@ def ensure_concurrency_limit(slots: int) -> None:
         except ObjectNotFound:
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=ACCELERATOR_LIMIT, limit=slots))
+
+
+class _NodeProcesses:
+    """The node processes this flow process started, and whether it is stopping."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # a node starts, or the stop is seen, never both halfway
+        self._running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, command: list[str], env: dict) -> subprocess.Popen | None:
+        """Start a node process, or None once the flow is stopping."""
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    preexec_fn=_term_with_parent)
+            self._running.add(proc)
+            return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+    def stop(self) -> None:
+        """SIGTERM every running node (each checkpoints and exits) and start no more."""
+        with self._lock:
+            self.stopping = True
+            for proc in self._running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+
+_nodes = _NodeProcesses()  # replaced by each flow run
+
+
+def _stop_with_parent(parent: int, done: threading.Event, logger) -> None:
+    """Stop the flow like a cancellation when the process that started it dies.
+
+    Polls the parent pid: the worker starts the flow process in a session of its own, so
+    nothing signals the flow process when the worker is killed (PR_SET_PDEATHSIG would be
+    set only after the start, and follows the worker's forking thread, not the worker).
+    """
+    while not done.wait(0.2):
+        if os.getppid() != parent:
+            # The worker read this process's stdout and stderr: a write there now fails, and
+            # Prefect's console handler (rich) answers that with SystemExit in the writing
+            # thread. The run's logs still reach the API.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            _nodes.stop()
+            logger.error(f"the process that started this flow run (pid {parent}) died: every "
+                         "node stops at a checkpoint")
+            os.kill(os.getpid(), signal.SIGTERM)  # the flow run ends as Prefect ends a SIGTERM
+            return
 
 
 def _term_with_parent() -> None:
@@ -91,14 +161,14 @@ def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
     waiting = time.perf_counter()
     # The local semaphore wakes a waiting branch the moment a node ends; the server's limit
     # alone is polled with back-off, which left the one CPU slot idle between nodes.
-    with _local_slots, concurrency(ACCELERATOR_LIMIT, occupy=1):
+    with _local_slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
         slot_wait_s = time.perf_counter() - waiting
         # Node processes share a persistent XLA cache: same-shaped nodes compile once.
         env = {"JAX_COMPILATION_CACHE_DIR": str(Path(runs_dir) / ".jax-cache"),
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", **os.environ}
-        proc = subprocess.Popen(_node_command(stages, profile, runs_dir, node), env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, preexec_fn=_term_with_parent)
+        proc = _nodes.start(_node_command(stages, profile, runs_dir, node), env)
+        if proc is None:
+            return Cancelled(message=f"{node} not started: the flow run is stopping")
         finished = threading.Event()
         watcher = None
         if progress_id is not None:
@@ -116,6 +186,10 @@ def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
             if proc.poll() is None:  # the task itself was interrupted: let the node checkpoint
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=300)
+            _nodes.finished(proc)
+    if returncode in _STOPPED:
+        return Cancelled(message=f"{node} stopped by {_STOPPED[returncode]}; it resumes from "
+                                 f"its last checkpoint in {planned.dir}")
     if returncode != 0:
         raise RuntimeError(f"node {node} exited with status {returncode}; see the log above")
     summary = store.done_record(planned.dir)
@@ -148,21 +222,35 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     plan = build_plan(stages, profile, runs_dir)  # a bad file fails the run here, with every problem
     order = runnable_order(plan, nodes)
     ensure_concurrency_limit(accelerator_slots)
-    global _local_slots
+    global _local_slots, _nodes
     _local_slots = threading.BoundedSemaphore(accelerator_slots)
+    _nodes = _NodeProcesses()
     if force:
         for name in nodes or order:
             _set_aside(plan.nodes[name].dir)
+    done = threading.Event()
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker (or runner) for this run
+        threading.Thread(target=_stop_with_parent, daemon=True,
+                         args=(os.getppid(), done, get_run_logger())).start()
     futures = {}
-    for name in order:
-        node = plan.nodes[name]
-        size = node.spec.train if node.kind == "train" else f"{node.model.d_model}d"
-        futures[name] = run_node_task.with_options(
-            name=name, task_run_name=name, tags=[node.kind, f"size:{size}"], retries=retries,
-        ).submit(stages, plan.profile, runs_dir, name,
-                 wait_for=[futures[p] for p in node.parents])
-    for future in futures.values():
-        future.wait()
+    try:
+        for name in order:
+            node = plan.nodes[name]
+            size = node.spec.train if node.kind == "train" else f"{node.model.d_model}d"
+            futures[name] = run_node_task.with_options(
+                name=name, task_run_name=name, tags=[node.kind, f"size:{size}"],
+                retries=retries,
+            ).submit(stages, plan.profile, runs_dir, name,
+                     wait_for=[futures[p] for p in node.parents])
+        for future in futures.values():
+            future.wait()
+    except BaseException:
+        # Cancelled (the worker's SIGTERM), the worker died, or Ctrl-C: running nodes
+        # checkpoint, and tasks still waiting for a slot must not start theirs.
+        _nodes.stop()
+        raise
+    finally:
+        done.set()
     states = {name: future.state for name, future in futures.items()}
     report = write_report(plan)
     create_table_artifact(report["summary"], key=artifact_key(plan.stages.name, "report"),

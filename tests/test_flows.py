@@ -1,5 +1,6 @@
 """The staged-growth flow end to end against a real `prefect server start`: deployment,
-worker, task runs per node, artifacts, cached reruns, crash-resume, cancellation, bad input."""
+worker, task runs per node, artifacts, cached reruns, crash-resume, cancellation, the worker's
+death, bad input."""
 
 import json
 import os
@@ -33,9 +34,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_worker(prefect) -> subprocess.Popen:
+    """A `prefect worker start` on the `local` pool (the fixture stops every one at the end)."""
+    worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "local"],
+                              env=prefect["env"], cwd=REPO,
+                              stdout=(prefect["logs"] / "worker.log").open("a"),
+                              stderr=subprocess.STDOUT)
+    prefect["workers"].append(worker)
+    return worker
+
+
 @pytest.fixture(scope="module")
 def prefect(tmp_path_factory):
-    """A real Prefect server, the `local` process pool, the deployments and a worker."""
+    """A real Prefect server, the `local` process pool, the deployments and a worker
+    (`prefect["workers"][-1]`; a test that kills it starts the next one)."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -47,7 +59,7 @@ def prefect(tmp_path_factory):
     server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, cwd=home,
                               stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
-    worker = None
+    prefect = {"api": api, "env": env, "logs": logs, "workers": []}
     try:
         deadline = time.time() + 120
         while True:
@@ -63,18 +75,15 @@ def prefect(tmp_path_factory):
             proc = subprocess.run([BIN / "prefect", *cmd], env=env, cwd=REPO, capture_output=True,
                                   text=True, timeout=300)
             assert proc.returncode == 0, proc.stdout + proc.stderr
-        worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "local"],
-                                  env=env, cwd=REPO, stdout=(logs / "worker.log").open("w"),
-                                  stderr=subprocess.STDOUT)
-        yield {"api": api, "env": env, "logs": logs}
+        start_worker(prefect)
+        yield prefect
     finally:
-        for proc in (worker, server):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        for proc in (*prefect["workers"], server):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def api_post(prefect, path, body):
@@ -146,13 +155,44 @@ def wait_for_node(node_dir: Path, step: int, checkpoint: int = 0, timeout=300):
     raise TimeoutError(f"{node_dir} did not reach step {step}")
 
 
-def node_processes(node: str) -> list[psutil.Process]:
+def node_processes(node: str, runs: Path) -> list[psutil.Process]:
+    """This test's `run-node` processes of `node` (others may be running the same node)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "run-node" in cmd and node in cmd:
+        if "run-node" in cmd and node in cmd and str(runs) in cmd:
             found.append(p)
     return found
+
+
+def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running code (an exited orphan may wait a while as a zombie for init)."""
+    alive = []
+    for p in processes:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def last_train_step(node_dir: Path) -> int:
+    return [r for r in read_metrics(node_dir / "metrics.jsonl") if r["kind"] == "train"][-1]["step"]
+
+
+def accelerator_slots_in_use(prefect) -> int:
+    limits = api_post(prefect, "/v2/concurrency_limits/filter", {})
+    return next(limit["active_slots"] for limit in limits if limit["name"] == "accelerator")
+
+
+def rerun_resumes(prefect, params: dict, node_dir: Path, step: int) -> str:
+    """A new deployment run completes the node from its checkpoint at `step`."""
+    run_id = start_run(prefect, "six-settings-smoke", **params)
+    assert wait_run(prefect, run_id)["state_type"] == "COMPLETED", run_logs(prefect, run_id)[-3000:]
+    assert {t["state_name"] for t in task_runs(prefect, run_id).values()} == {"Completed"}
+    assert store.done_record(node_dir)["first_step"] == step
+    return run_id
 
 
 # Settings 1 and 4 (11 of the 23 nodes: every kind of node, fusion of fused models, the
@@ -217,7 +257,7 @@ def test_sigkill_of_a_node_then_rerun_resumes_it(prefect, tmp_path):
     params = dict(stages=str(stages), profile="smoke", nodes=["L5"], runs_dir=str(runs))
     first = start_run(prefect, "six-settings-smoke", **params)
     wait_for_node(plan.nodes["L5"].dir, step=14, checkpoint=8)
-    victims = node_processes("L5")
+    victims = node_processes("L5", runs)
     assert victims, "no node process found"
     for p in victims:
         p.send_signal(signal.SIGKILL)
@@ -232,24 +272,60 @@ def test_sigkill_of_a_node_then_rerun_resumes_it(prefect, tmp_path):
     assert (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns == ma_done
 
 
-def test_cancelling_the_flow_run_checkpoints_the_running_node(prefect, tmp_path):
-    stages = long_stages(tmp_path, steps=2000, save_every=100000)
+def test_cancelling_the_flow_run_checkpoints_the_running_node_and_a_rerun_resumes_it(prefect,
+                                                                                  tmp_path):
+    # No periodic save before the last step: the checkpoint found is the one the stop made.
+    stages = long_stages(tmp_path, steps=400, eval_every=100, save_every=100000)
     runs = tmp_path / "runs"
     ma = build_plan(stages, "smoke", runs).nodes["Ma"]
-    run_id = start_run(prefect, "six-settings-smoke", stages=str(stages), nodes=["Ma"],
-                       runs_dir=str(runs))
+    params = dict(stages=str(stages), nodes=["Ma"], runs_dir=str(runs))
+    run_id = start_run(prefect, "six-settings-smoke", **params)
     wait_for_node(ma.dir, step=20)
     cancel = subprocess.run([BIN / "prefect", "flow-run", "cancel", run_id], env=prefect["env"],
                             capture_output=True, text=True, timeout=60)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
     assert wait_run(prefect, run_id, timeout=180)["state_type"] == "CANCELLED"
     deadline = time.time() + 120
-    while node_processes("Ma") and time.time() < deadline:
+    while node_processes("Ma", runs) and time.time() < deadline:
         time.sleep(0.5)
-    assert not node_processes("Ma")
-    last = [r for r in read_metrics(ma.dir / "metrics.jsonl") if r["kind"] == "train"][-1]["step"]
-    assert 20 <= last < 2000 and store.latest_checkpoint_step(ma.dir) == last
+    assert not node_processes("Ma", runs)
+    last = last_train_step(ma.dir)
+    assert 20 <= last < 400 and store.latest_checkpoint_step(ma.dir) == last
     assert not store.is_done(ma.dir)
+    assert task_runs(prefect, run_id)["Ma"]["state_type"] == "CANCELLED"
+    rerun_resumes(prefect, params, ma.dir, last)
+
+
+def test_sigkill_of_the_worker_stops_its_flow_and_nodes_at_a_checkpoint(prefect, tmp_path):
+    stages = long_stages(tmp_path, steps=400, eval_every=100, save_every=100000)
+    runs = tmp_path / "runs"
+    ma = build_plan(stages, "smoke", runs).nodes["Ma"]
+    params = dict(stages=str(stages), nodes=["Ma"], runs_dir=str(runs))
+    first = start_run(prefect, "six-settings-smoke", **params)
+    wait_for_node(ma.dir, step=20)
+    worker = prefect["workers"][-1]
+    flow_processes = [p for p in psutil.Process(worker.pid).children()
+                      if "prefect.engine" in p.cmdline()]
+    nodes = node_processes("Ma", runs)
+    assert len(flow_processes) == 1 and len(nodes) == 1
+    worker.kill()
+    killed = time.perf_counter()
+    deadline = time.perf_counter() + 10
+    while running(flow_processes + nodes) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    print(f"flow and node processes gone {time.perf_counter() - killed:.1f}s after the worker's "
+          "SIGKILL")
+    assert not running(flow_processes + nodes) and not node_processes("Ma", runs)
+    # The node saved the step it was at when told to stop (no periodic save before step 400).
+    last = last_train_step(ma.dir)
+    assert 20 <= last < 400 and store.latest_checkpoint_step(ma.dir) == last
+    assert wait_run(prefect, first, timeout=30)["state_type"] == "CRASHED"
+    assert task_runs(prefect, first)["Ma"]["state_type"] == "CANCELLED"
+    assert accelerator_slots_in_use(prefect) == 0  # released by the flow process on its way out
+
+    start_worker(prefect)
+    rerun_resumes(prefect, params, ma.dir, last)
+    assert accelerator_slots_in_use(prefect) == 0
 
 
 def test_a_bad_stages_file_fails_the_run_at_once_with_the_message(prefect, tmp_path):
