@@ -243,16 +243,26 @@ def _launch_or_join(processes: int, batch_size: int) -> None:
 STAGES_DEFAULT = Path("stages.yaml")
 
 
-def _plan(stages: Path, profile: Optional[str], runs_dir: Path, writes: bool = False):
+def _plan(stages: Path, profile: Optional[str], runs_dir: Path, writes: bool = False,
+          devices=None):
     """The plan (a bad stages file raises `StagesError`: one line per problem). A command that
-    `writes` into the runs directory needs it, or its parent, to be a directory."""
+    `writes` into the runs directory needs it, or its parent, to be a directory. `devices`:
+    the train nodes' device count as a function of the profile's processes, for a plan made
+    to run here (`build_plan`); a command that trains here also needs a profile's declared
+    devices to be those."""
     from pipeline.plan import build_plan
 
     if writes:
         _writable(runs_dir, "--runs-dir")
     elif runs_dir.exists() and not runs_dir.is_dir():
         fail(f"--runs-dir {runs_dir} is not a directory")
-    return build_plan(stages, profile, runs_dir)
+    plan = build_plan(stages, profile, runs_dir, devices=devices)
+    declared = plan.stages.profiles[plan.profile]
+    if writes and devices is not None and declared.devices is not None and (
+            here := devices(declared.processes)) not in (None, declared.devices):
+        fail(f"{stages}: profiles.{plan.profile}.devices: its train nodes run on "
+             f"{declared.devices} devices, but one started here gets {here}")
+    return plan
 
 
 StagesArg = Annotated[Path, typer.Argument(help="The stages file.")]
@@ -271,9 +281,10 @@ def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                                    "memory per device.")] = False):
     """Validate a stages file and show every node: state, model, parents, compute, memory per
     device."""
+    from deepfusion_core.sharding import devices_here
     from pipeline.plan import plan_records
 
-    plan = _plan(stages, profile, runs_dir)
+    plan = _plan(stages, profile, runs_dir, devices=devices_here)
     if compile_steps:
         _compile_train_steps(plan)
     for warning in plan.warnings:
@@ -324,7 +335,10 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                 help="Run only these nodes (and the ancestors they need).")] = None,
             progress: Annotated[bool, typer.Option(help="Progress bars.")] = True):
     """Run the DAG locally (no Prefect): every node not done, then the report."""
-    plan = _plan(stages, profile, runs_dir, writes=True)
+    from deepfusion_core.sharding import devices_here
+
+    # Every node trains in this process, whatever the profile's processes.
+    plan = _plan(stages, profile, runs_dir, writes=True, devices=lambda _: devices_here(1))
     from pipeline.execute import run_plan  # after the plan, as in status
     from pipeline.report import write_report
 
@@ -349,10 +363,11 @@ def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: Profile
     one machine, or one per host where the cluster starts this command on every host with
     DEEPFUSION_DISTRIBUTED=auto (see deepfusion_core/distributed.py).
     """
-    from pipeline import store
-    from pipeline.execute import run_node
+    from deepfusion_core.sharding import devices_here
 
-    plan = _plan(stages, profile, runs_dir, writes=True)
+    plan = _plan(stages, profile, runs_dir, writes=True, devices=devices_here)
+    from pipeline import store
+    from pipeline.execute import run_node  # after the plan, as in status
     if node not in plan.nodes:
         fail(f"{node!r} is not a node of {stages}")
     missing = [p for p in plan.nodes[node].parents if not store.is_done(plan.nodes[p].dir)]

@@ -7,6 +7,7 @@ heads, MLP features and the vocabulary over `model`, everything else is replicat
 
 from __future__ import annotations
 
+import os
 import re
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from deepfusion_core import distributed
 from deepfusion_core.config import T5Config
 from deepfusion_core.model import param_axes
 
@@ -62,6 +64,25 @@ def check_mesh_fits(shape: tuple[int, int], cfg: T5Config, batch_size: int) -> N
                        ("vocab_size", cfg.vocab_size)]:
         if size % model:
             raise MeshError(f"model {name}={size} is not divisible by mesh model={model}")
+
+
+def devices_here(processes: int) -> int | None:
+    """The devices a train node of `processes` JAX processes gets when started on this
+    machine; None where they cannot be counted before its processes join their group (a
+    cluster host, DEEPFUSION_DISTRIBUTED=auto).
+
+    One process: this process's devices (counting starts JAX's backend here). Several:
+    `launch_local` splits this machine's CPU devices between them, counted from the
+    environment, since a process that is to join a group must not start its backend first.
+    """
+    env = dict(os.environ)
+    if env.get(distributed.ENV_AUTO) and processes > 1:
+        return None
+    if env.get(distributed.ENV_COORDINATOR):  # one of the launched processes, before joining
+        return processes * distributed.local_cpu_device_count(env)
+    if processes > 1:
+        return distributed.local_cpu_device_count(env)
+    return jax.device_count()
 
 
 def make_mesh(shape: tuple[int, int]) -> Mesh:

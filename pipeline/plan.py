@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -212,7 +213,7 @@ def _resolve_path_spec(spec: str, base: Path) -> str:
     return f"{kind}:{(base / Path(arg).expanduser()).resolve()}"
 
 
-def _data_problems(profile: str, settings: dict,
+def _data_problems(profile: str, settings: dict, eval_batches: int,
                    check_source: bool = True) -> tuple[list[str], int | None]:
     """Problems with a profile's data (one line each) and the model vocab size it needs."""
     where = f"profiles.{profile}.data"
@@ -229,7 +230,25 @@ def _data_problems(profile: str, settings: dict,
             data.register_task(dc)  # checks that the source exists and holds documents
     except ValueError as e:
         return [f"{where}: {e}"], vocab_size
+    try:
+        if check_source:
+            data.check_eval_batches(dc, eval_batches)
+    except ValueError as e:
+        return [f"profiles.{profile}.train.eval_batches: {e}"], vocab_size
     return [], vocab_size
+
+
+def _mesh_problems(profile: str, prof, sizes: set[str], devices: int) -> list[str]:
+    """Each mesh of the profile's train nodes must use exactly the `devices` a node gets."""
+    whose = (f"profiles.{profile}.devices" if prof.devices is not None else
+             "this machine's; set the profile's devices where it runs elsewhere")
+    problems = []
+    for mesh in sorted({prof.mesh_for(size) for size in sizes} - {None}):
+        data_axis, model_axis = parse_mesh(mesh)
+        if data_axis * model_axis != devices:
+            problems.append(f"profiles.{profile}.mesh: {mesh} needs {data_axis * model_axis} "
+                            f"devices, but a train node gets {devices} ({whose})")
+    return problems
 
 
 def _fingerprint(record: dict) -> str:
@@ -237,10 +256,15 @@ def _fingerprint(record: dict) -> str:
 
 
 def build_plan(stages_path: str | Path, profile: str | None = None,
-               runs_dir: str | Path = "runs") -> Plan:
+               runs_dir: str | Path = "runs",
+               devices: Callable[[int], int | None] | None = None) -> Plan:
     """Load, validate and resolve a stages file; `StagesError` lists every problem.
 
-    A remote data source (the paper's TFDS bucket) is not read: `Plan.warnings` says so.
+    Each mesh must use exactly the devices a train node gets: the profile's `devices`, or
+    else `devices(processes)` (`sharding.devices_here` for a plan to run here; None: not
+    checked, e.g. in a flow, whose nodes check when they start). Each evaluation must find
+    its batches in the validation split. A remote data source (the paper's TFDS bucket) is
+    not read: `Plan.warnings` says so.
     """
     stages_path = Path(stages_path)
     stages = load_stages(stages_path)
@@ -264,7 +288,13 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
     remote = "://" in prof.data.source
     warnings = [f"profiles.{profile}.data: {prof.data.source} is remote and was not checked"
                 ] if remote else []
-    problems, vocab_size = _data_problems(profile, data_settings, check_source=not remote)
+    problems, vocab_size = _data_problems(profile, data_settings, prof.train.eval_batches,
+                                          check_source=not remote)
+    node_devices = prof.devices if prof.devices is not None else (
+        devices(prof.processes) if devices is not None else None)
+    if node_devices is not None:
+        sizes_used = {s.train for s in stages.nodes.values() if isinstance(s, TrainNode)}
+        problems += _mesh_problems(profile, prof, sizes_used, node_devices)
     if vocab_size is None:  # keep checking the nodes, with the data's problems listed
         data_settings = data.DataConfig().model_dump(exclude={"seed"})
         vocab_size = data.vocab_size_for_model(data.get_vocabulary(data_settings["vocab"]))
@@ -284,7 +314,7 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
             try:
                 node = (_plan_fuse(planned, spec, plan) if isinstance(spec, FuseNode)
                         else _plan_train(planned, spec, plan, sizes, prof, data_settings,
-                                         parent_fps))
+                                         parent_fps, node_devices))
             except (FusionError, ValueError) as e:
                 problems.append(f"nodes.{name}: {e}")
                 continue
@@ -324,7 +354,7 @@ def _plan_fuse(name, spec: FuseNode, plan: Plan) -> PlannedNode:
 
 
 def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
-                parent_fps) -> PlannedNode:
+                parent_fps, devices: int | None) -> PlannedNode:
     declared = sizes[spec.train]
     model = declared
     if spec.init is not None:
@@ -340,7 +370,8 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
     tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, seed=spec.seed,
                      mesh=prof.mesh_for(spec.train))
     dc = data.DataConfig(**data_settings, seed=spec.seed)
-    mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (1, 1)
+    # Without a mesh every device is on data: the batch must split over them.
+    mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (devices or 1, 1)
     check_mesh_fits(mesh_shape, model, dc.batch_size)
     if prof.device_memory_gb is not None:
         need = train_memory(model, dc.batch_size, dc.inputs_length, dc.targets_length,

@@ -124,6 +124,10 @@ class Profile(_Strict):
     # data=D,model=M for every size, or one per size ({S: ..., L: ...}); None: all on data.
     mesh: str | dict[str, str] | None = None
     processes: int = Field(default=1, gt=0)  # JAX processes per train node (hosts of a slice)
+    # Devices of a train node, all its processes together, where the profile runs: for a
+    # profile planned away from its hardware (a TPU slice, from a laptop). Every mesh must use
+    # exactly these; without it, the devices a node started on the planning machine gets.
+    devices: int | None = Field(default=None, gt=0)
     device_memory_gb: float | None = Field(default=None, gt=0)  # plan refuses nodes above it
     # Independent runs of the whole DAG (seeds). Replica k >= 1 adds k * SEED_STRIDE to every
     # node's seed and names its nodes NODE@k; replica 0 is the file as written, so raising
@@ -143,6 +147,9 @@ class Profile(_Strict):
         if isinstance(self.mesh, dict) and set(self.mesh) != set(self.models):
             raise ValueError(f"mesh names sizes {sorted(self.mesh)}, but models are "
                              f"{sorted(self.models)}: give one mesh per size")
+        if self.devices is not None and self.devices % self.processes:
+            raise ValueError(f"devices={self.devices} is not divisible by processes="
+                             f"{self.processes} (each process drives its share)")
         if self.device_memory_gb is not None and self.mesh is None:
             raise ValueError("device_memory_gb needs a mesh (the memory per device depends "
                              "on how the model and batch are split)")

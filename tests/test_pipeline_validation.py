@@ -25,6 +25,7 @@ import yaml
 from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
+from deepfusion_core.sharding import devices_here
 from pipeline.plan import build_plan
 from pipeline.spec import StagesError
 
@@ -78,8 +79,8 @@ def _snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
 
 
 def _assert_caught(path: Path, runs: Path) -> list[str]:
-    with pytest.raises(StagesError) as info:
-        build_plan(path, runs_dir=runs)
+    with pytest.raises(StagesError) as info:  # as `deepfusion plan` builds it: to run here
+        build_plan(path, runs_dir=runs, devices=devices_here)
     return info.value.problems
 
 
@@ -181,6 +182,20 @@ def test_an_undefined_profile_is_exit_2(tmp_path, monkeypatch):
     assert result.stderr.splitlines() == [
         f"error: {SHIPPED}: profile 'huge' is not defined "
         f"(profiles: smoke, tiny, c4-tiny, c4-cpu, small, paper, paper-8gpu)"]
+    assert not runs.exists() and after == before
+
+
+def test_run_refuses_a_profile_declared_for_other_devices(tmp_path, monkeypatch):
+    # paper-8gpu plans anywhere (its meshes are checked against its declared 8 devices), but
+    # runs only where a node gets 8.
+    if devices_here(1) == 8:
+        pytest.skip("this machine has the profile's 8 devices")
+    result, runs, before, after = _invoke_cli("run", SHIPPED, tmp_path, monkeypatch,
+                                              "--profile", "paper-8gpu")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert errors == [f"error: {SHIPPED}: profiles.paper-8gpu.devices: its train nodes run on 8 "
+                      f"devices, but one started here gets {devices_here(1)}"]
     assert not runs.exists() and after == before
 
 
