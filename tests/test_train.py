@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,31 +66,37 @@ def test_validation_loss_falls_on_c4(shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_is_bit_identical(shared_data, tmp_path):
-    args = ["train", "--steps", "40", "--save-every", "5", *c4_args(shared_data)]
+def test_kill_9_at_random_moments_then_resume_is_bit_identical_record_for_record(
+        shared_data, tmp_path):
+    # Three kills: one before the first checkpoint (it used to leave the step-0 evaluation
+    # twice), two at random steps and a random moment within them, saves included.
+    rng = np.random.default_rng(int(time.time()))
+    seed = int(rng.integers(2**31))
+    rng = np.random.default_rng(seed)
+    args = ["train", "--steps", "40", "--save-every", "5", "--eval-every", "10",
+            "--eval-batches", "2", *c4_args(shared_data)]
     straight = subprocess.run([DEEPFUSION, *args, "--workdir", tmp_path / "straight"],
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([DEEPFUSION, *args, "--workdir", crashed], stderr=subprocess.PIPE,
-                            text=True)
-    killed_at = wait_for_step(crashed, 23, proc)  # between checkpoints 20 and 25
-    proc.kill()
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    for low, high in ((1, 4), (6, 18), (21, 38)):
+        proc = subprocess.Popen([DEEPFUSION, *args, "--workdir", crashed],
+                                stderr=subprocess.PIPE, text=True)
+        wait_for_step(crashed, int(rng.integers(low, high + 1)), proc)
+        time.sleep(float(rng.uniform(0, 0.3)))
+        proc.kill()
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"seed {seed}"
     resumed = subprocess.run([DEEPFUSION, *args, "--workdir", crashed], capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert 0 < summary["first_step"] <= killed_at
     assert "resuming" in resumed.stderr
     _, want = load_model(tmp_path / "straight")
     _, got = load_model(crashed)
-    assert leaves_equal(got, want)
-    # The metrics describe one uninterrupted run: the steps lost with the crash were dropped.
-    assert [r["step"] for r in train_records(crashed)] == list(range(1, 41))
-    assert [r["loss"] for r in train_records(crashed)] == [r["loss"] for r in train_records(tmp_path / "straight")]
+    assert leaves_equal(got, want), f"seed {seed}"
+    # The metrics describe one uninterrupted run: the records lost with a crash were dropped.
+    assert _metric_values(crashed) == _metric_values(tmp_path / "straight"), f"seed {seed}"
 
 
 @pytest.mark.slow
@@ -241,6 +248,68 @@ def test_sigterm_right_after_a_regular_save_stops_cleanly_and_resumes_bit_identi
     monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
     train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "stopped", progress=False)
     assert leaves_equal(load_model(tmp_path / "stopped")[1], load_model(straight_run)[1])
+
+
+STOP_TRAIN = SMALL_TRAIN.model_copy(update={"steps": 48, "eval_every": 8})
+
+
+def test_sigterm_at_twenty_moments_always_checkpoints_and_resumes_bit_identically(
+        tmp_path, monkeypatch):
+    # Real SIGTERMs to this process, handled by train(): a third right after a regular save,
+    # a third right before one, a third from another thread at a random moment of a random
+    # step (in a step, an evaluation or an asynchronous save in flight).
+    from deepfusion_core import train as train_module
+    from deepfusion_core.train import Preempted
+
+    seed = int(np.random.default_rng().integers(2**31))
+    rng = np.random.default_rng(seed)
+    real_save = train_module.train_checkpoint.save
+    plan = {}  # this round: {"mode": ..., "step": ...}
+
+    def save_with_stop(manager, step, *args, **kwargs):
+        if plan.get("mode") == "before save" and step >= plan["step"]:
+            signal.raise_signal(signal.SIGTERM)
+        real_save(manager, step, *args, **kwargs)
+        if plan.get("mode") == "after save" and step >= plan["step"]:
+            signal.raise_signal(signal.SIGTERM)
+
+    def stop_later(workdir, step, delay, done):
+        while not done.is_set():
+            records = train_records(workdir) if (workdir / "metrics.jsonl").exists() else []
+            if records and records[-1]["step"] >= step:
+                time.sleep(delay)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.002)
+
+    monkeypatch.setattr(train_module.train_checkpoint, "save", save_with_stop)
+    workdir, stops, done = tmp_path / "w", [], threading.Event()
+    for i in range(20):
+        start = stops[-1] if stops else 0
+        step = start + 1 + int(rng.integers(0, 2))
+        plan.update(mode=("after save", "before save", "thread")[i % 3], step=step)
+        thread = None
+        if plan["mode"] == "thread":
+            done.clear()
+            thread = threading.Thread(target=stop_later, daemon=True,
+                                      args=(workdir, step, float(rng.uniform(0, 0.05)), done))
+            thread.start()
+        with pytest.raises(Preempted) as stopped:
+            train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, workdir, progress=False,
+                  log=lambda _: None)
+        done.set()
+        stop = stopped.value.step
+        assert stopped.value.signum == signal.SIGTERM  # the CLI exits 128 + 15 = 143
+        steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+        assert max(steps) == stop == train_records(workdir)[-1]["step"], (seed, i, plan)
+        stops.append(stop)
+    plan.clear()
+    train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, workdir, progress=False)
+    reference = tmp_path / "straight"
+    train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, reference, progress=False)
+    assert stops[-1] < STOP_TRAIN.steps, stops
+    assert leaves_equal(load_model(workdir)[1], load_model(reference)[1]), seed
+    assert _metric_values(workdir) == _metric_values(reference), seed
 
 
 def _metric_values(workdir):
