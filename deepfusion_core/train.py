@@ -5,6 +5,7 @@
     WORKDIR/checkpoints/<step>/   Orbax steps (see `train_checkpoint`)
     WORKDIR/metrics.jsonl         train/eval/summary records (see `metrics`)
     WORKDIR/tensorboard/          the same scalars as TensorBoard events
+    WORKDIR/.lock                 held by the one writer (see `workdir_lock`)
 
 It resumes automatically from the newest readable checkpoint, restoring params, optimizer
 state, step and data position, so a run killed at any moment and restarted ends with the same
@@ -21,6 +22,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
@@ -28,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepfusion_core import data, sharding, train_checkpoint
+from deepfusion_core import data, sharding, train_checkpoint, workdir_lock
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
 from deepfusion_core.config import T5Config
 from deepfusion_core.flops import train_step_flops
@@ -94,9 +96,21 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
 
     `init` names a model checkpoint (e.g. a fusion output) to start from: its params only,
     with a fresh optimizer and schedule. Without it the params are initialised from tc.seed.
+    A workdir that another process is writing is refused (`workdir_lock.LockedError`).
     """
     mesh_shape = check_inputs(cfg, tc, dc, init)
     workdir = Path(workdir)
+    # One writer per workdir: a second one refuses, naming the first (a pipeline node holds
+    # this lock already and joins it). The first process alone locks, as it alone writes the
+    # metrics; in a local multi-process run its refusal stops the others.
+    with (workdir_lock.hold(workdir, f"workdir {workdir}", wait=False, log=log, reenter=True)
+          if jax.process_index() == 0 else nullcontext()):
+        return _train(cfg, tc, dc, workdir, mesh_shape, init, progress, log)
+
+
+def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
+           mesh_shape: tuple[int, int], init: str | Path | None, progress: bool,
+           log: Callable[[str], None]) -> dict | None:
     mesh = sharding.make_mesh(mesh_shape)
     init_random, init_state, state_sh, abstract, train_step, eval_step = compiled_steps(
         cfg, tc.model_copy(update={"seed": 0}), mesh)
