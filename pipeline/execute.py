@@ -2,23 +2,29 @@
 
 `run_node` is what every scheduler calls (the local `deepfusion run` loop here, a Prefect
 task in `flows/`): it resumes a partial train node, never recomputes a node with DONE, and
-writes DONE last.
+writes DONE last. It holds the node's lock throughout, so writers of one node (two Prefect
+flow runs, `run` beside `run-node`) take turns: the later one waits, naming the holder, and
+then finds the node DONE, or resumes it if the holder died.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack, contextmanager
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
-from deepfusion_core import fuse, load_model, save_model
+from deepfusion_core import fuse, load_model, save_model, workdir_lock
 from deepfusion_core.train import Preempted, train
 from pipeline import store
 from pipeline.plan import Plan, PlannedNode
 
 Log = Callable[[str], None]
+_LOCK_POLL_S = 2.0
 
 
 def _node_record(node: PlannedNode) -> dict:
@@ -39,17 +45,75 @@ def model_path(node: PlannedNode):
 def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) -> dict | None:
     """Run one node whose parents are done; returns its DONE summary.
 
-    In a multi-process train node every process trains and the first one alone writes the
-    node's files (None elsewhere).
+    Another writer of the node is waited for. A failure (other than a stop request) is
+    recorded in FAILED before it is raised. In a multi-process train node every process
+    trains and the first one alone locks and writes the node's files (None elsewhere).
     """
     node = plan.nodes[name]
-    if store.is_done(node.dir):
+    # The processes of a multi-process node decide together, under the lock (below): one
+    # that saw DONE a moment before the others would leave them waiting in a collective.
+    if jax.process_count() == 1 and store.is_done(node.dir):
         return store.done_record(node.dir)
     missing = [p for p in node.parents if not store.is_done(plan.nodes[p].dir)]
     if missing:
         raise RuntimeError(f"node {name}: parents not done: {', '.join(missing)}")
     primary = jax.process_index() == 0
-    node.dir.mkdir(parents=True, exist_ok=True)
+    with _node_lock(node, log):
+        if _done_meanwhile(node):
+            if not primary:
+                return None
+            log(f"{name}: finished by another writer meanwhile")
+            return store.done_record(node.dir)
+        try:
+            return _run_locked(plan, node, log, progress, primary)
+        except Preempted:
+            raise  # a stop request: the node saved a checkpoint and is resumable, not failed
+        except Exception as e:
+            if primary:
+                store.mark_failed(node.dir, f"{type(e).__name__}: {e}")
+            raise
+
+
+@contextmanager
+def _node_lock(node: PlannedNode, log: Log):
+    """Hold the node's lock, waiting for another writer.
+
+    In a multi-process node the first process alone takes it (the others would wait for a
+    lock their own group holds), trying every `_LOCK_POLL_S` while all the processes agree
+    on each try: a collective that outlasted another writer's whole run would time out
+    (Gloo's and JAX's coordination service's deadlines are 30 s).
+    """
+    if jax.process_count() == 1:
+        with workdir_lock.hold(node.dir, node.name, wait=True, log=log):
+            yield
+        return
+    primary = jax.process_index() == 0
+    with ExitStack() as held:
+        for attempt in itertools.count():
+            taken = False
+            if primary:
+                try:
+                    held.enter_context(workdir_lock.hold(node.dir, node.name, wait=False))
+                    taken = True
+                except workdir_lock.LockedError as e:
+                    if attempt == 0:
+                        log(workdir_lock.waiting_message(node.name, e.holder))
+            if multihost_utils.broadcast_one_to_all(np.int32(taken)):
+                break
+            time.sleep(_LOCK_POLL_S)
+        yield
+
+
+def _done_meanwhile(node: PlannedNode) -> bool:
+    """Whether the node is DONE now, as the first process (which holds the lock) sees it."""
+    done = store.is_done(node.dir)
+    if jax.process_count() > 1:
+        done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    return done
+
+
+def _run_locked(plan: Plan, node: PlannedNode, log: Log, progress: bool,
+                primary: bool) -> dict | None:
     if primary:
         store.write_json_atomic(node.dir / "node.json", _node_record(node))
     start = time.perf_counter()
@@ -62,8 +126,8 @@ def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) ->
                         progress=progress, log=log)
     if not primary:
         return None
-    summary = {**summary, "node": name, "kind": node.kind, "fingerprint": node.fingerprint,
-               "run_wall_s": time.perf_counter() - start}
+    summary = {**summary, "node": node.name, "kind": node.kind,
+               "fingerprint": node.fingerprint, "run_wall_s": time.perf_counter() - start}
     store.mark_done(node.dir, summary)
     return summary
 
@@ -132,9 +196,8 @@ def run_plan(plan: Plan, only: Iterable[str] | None = None, log: Log = print,
                 outcome[name] = "ran"
             except Preempted:
                 raise  # a stop request ends the run; the node saved a checkpoint
-            except Exception as e:  # noqa: BLE001 - recorded and reported, others go on
+            except Exception as e:  # noqa: BLE001 - run_node recorded it; the others go on
                 message = f"{type(e).__name__}: {e}"
-                store.mark_failed(node.dir, message)
                 outcome[name] = f"failed: {message}"
                 log(f"{name}: FAILED {message}")
     return outcome

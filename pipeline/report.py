@@ -23,8 +23,10 @@ from __future__ import annotations
 import csv
 import re
 import statistics
+import sys
 from pathlib import Path
 
+from deepfusion_core import workdir_lock
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
 from pipeline.plan import Plan
@@ -272,15 +274,17 @@ def write_report(plan: Plan) -> dict:
     summary = summarize(plan, rows)
     claims = check_claims(plan, summary)
     out = store.report_path(plan.root, plan.profile)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "csv": out / "settings.csv",
              "plot": out / "curves.png"}
-    paths["markdown"].write_text(markdown_report(plan, summary, claims))
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_curves(plan, curves, paths["plot"])
+    # A `run` and a flow ending together write one report after the other, not interleaved.
+    with workdir_lock.hold(out, f"report {out}", wait=True,
+                           log=lambda m: print(m, file=sys.stderr)):
+        paths["markdown"].write_text(markdown_report(plan, summary, claims))
+        with paths["csv"].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_curves(plan, curves, paths["plot"])
     return {"rows": rows, "summary": summary, "claims": claims,
             **{k: str(v) for k, v in paths.items()}}
 

@@ -1,23 +1,25 @@
 """The content-addressed node store under a runs directory::
 
-    RUNS/<pipeline>/nodes/<node>-<fingerprint>/   node.json, DONE, FAILED,
+    RUNS/<pipeline>/nodes/<node>-<fingerprint>/   node.json, DONE, FAILED, .lock,
                                                   checkpoints/ metrics.jsonl tensorboard/ (train)
                                                   model/ (fuse: an Orbax model checkpoint)
-    RUNS/<pipeline>/report/<profile>/             report.md settings.csv curves.png
+    RUNS/<pipeline>/report/<profile>/             report.md settings.csv curves.png .lock
     RUNS/<pipeline>/.lock                         held by the one `deepfusion run` at a time
 
 `DONE` (the node's summary as JSON) is written last and atomically: a node directory without
-it is work in progress, whatever else it holds.
+it is work in progress, whatever else it holds. Each `.lock` is a `workdir_lock`: whoever
+writes a node or a report holds it, so one node is never written by two processes at once.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from deepfusion_core import workdir_lock
 
 
 def inside(root: Path, *parts: str) -> Path:
@@ -40,7 +42,7 @@ def report_path(root: Path, profile: str) -> Path:
     return inside(root, "report", profile)
 
 
-class LockedError(RuntimeError):
+class LockedError(workdir_lock.LockedError):
     """Another run holds the runs directory."""
 
 
@@ -114,22 +116,10 @@ def copy_train_prefix(source: Path, step: int, node_dir: Path) -> None:
 @contextmanager
 def run_lock(pipeline_dir: Path):
     """Hold the pipeline directory's lock, or raise `LockedError` naming the holder."""
-    pipeline_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = pipeline_dir / ".lock"
-    with lock_path.open("a+") as f:
+    with ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            stack.enter_context(workdir_lock.hold(pipeline_dir, str(pipeline_dir), wait=False))
+        except workdir_lock.LockedError as e:
             raise LockedError(f"{pipeline_dir} is in use by a running deepfusion run "
-                              f"({holder}); wait for it or stop it first") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+                              f"({e.holder}); wait for it or stop it first", e.holder) from None
+        yield
