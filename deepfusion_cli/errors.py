@@ -12,9 +12,6 @@ SIGTERM/SIGINT exits with 128 + the signal. Anything else is a bug and keeps its
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import re
 import sys
 from pathlib import Path
 
@@ -61,34 +58,6 @@ def input_problems(e: BaseException) -> list[str] | None:
     return [text.splitlines()[0] if text else type(e).__name__]
 
 
-_NO_SPACE = os.strerror(errno.ENOSPC)
-# How the writers that can run out of space name the file: TensorStore (Orbax's arrays) and
-# TensorFlow (TensorBoard's events); Python's own OSError carries it as `filename`.
-_WRITING = (re.compile(r'Error writing local file "([^"]+)"'),
-            re.compile(r"(/[^\s;'\"]+); " + _NO_SPACE))
-
-
-def disk_full(e: BaseException) -> str | None:
-    """"disk full writing PATH: [Errno 28] No space left on device" if `e` or an exception it
-    was raised from or while handling ran out of space (PATH: the first file that did); None
-    otherwise."""
-    chain, seen = [], set()
-    while e is not None and id(e) not in seen:  # outermost first
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    full = [c for c in chain if isinstance(c, OSError) and c.errno == errno.ENOSPC
-            or _NO_SPACE in str(c)]
-    if not full:
-        return None
-    for c in reversed(full):  # the first failure, innermost, names the file
-        path = c.filename if isinstance(c, OSError) and c.filename else next(
-            (m[1] for pattern in _WRITING if (m := pattern.search(str(c)))), None)
-        if path:
-            return f"disk full writing {path}: [Errno {errno.ENOSPC}] {_NO_SPACE}"
-    return f"disk full: [Errno {errno.ENOSPC}] {_NO_SPACE}"
-
-
 @contextlib.contextmanager
 def reported():
     """Turn what a command raises into its lines on stderr and its exit status."""
@@ -101,9 +70,14 @@ def reported():
         if train is not None and isinstance(e, train.Preempted):
             typer.echo(str(e), err=True)  # the node saved a checkpoint; a rerun resumes it
             raise typer.Exit(128 + e.signum) from None
-        if (line := disk_full(e)) is not None:
-            typer.echo(f"error: {line}", err=True)
-            raise typer.Exit(FAILURE) from None
+        # Every command that writes has loaded the library (whose import takes seconds: not
+        # for a usage error).
+        if "deepfusion_core" in sys.modules:
+            from deepfusion_core import disk
+
+            if (full := disk.no_space(e)) is not None:
+                typer.echo(f"error: {disk.describe(full)}", err=True)
+                raise typer.Exit(FAILURE) from None
         if type(e).__name__ == "NoArgsIsHelpError" or (problems := input_problems(e)) is None:
             raise  # click's help for a bare group, or a bug with its traceback
         for problem in problems:

@@ -244,12 +244,15 @@ def test_a_bug_keeps_its_traceback_and_input_errors_are_sorted_by_where_they_ari
 
 def test_a_full_disk_is_named_in_one_line():
     # /dev/full answers every write with ENOSPC, as a full file system does.
-    from deepfusion_cli.errors import disk_full
+    from deepfusion_core.disk import describe, no_space
+
+    def line(e):
+        return describe(no_space(e))
 
     with pytest.raises(OSError) as info:
         with open("/dev/full", "w") as f:
             f.write("x")
-    assert disk_full(info.value) == "disk full: [Errno 28] No space left on device"
+    assert line(info.value) == "disk full: [Errno 28] No space left on device"
     try:
         try:
             raise OSError(28, "No space left on device", "/runs/x/checkpoints/4/params")
@@ -257,9 +260,12 @@ def test_a_full_disk_is_named_in_one_line():
             with open("/dev/full", "w") as f:  # a FAILED marker written after it
                 f.write("x")
     except OSError as e:
-        assert disk_full(e) == ("disk full writing /runs/x/checkpoints/4/params: "
-                                "[Errno 28] No space left on device")
-    assert disk_full(ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/r/c/4/_sharding\": "
-                                "No space left on device [os_error_code='28']")) == (
-        "disk full writing /r/c/4/_sharding: [Errno 28] No space left on device")
-    assert disk_full(ValueError("no")) is None
+        assert line(e) == ("disk full writing /runs/x/checkpoints/4/params: "
+                           "[Errno 28] No space left on device")
+    # As TensorStore (Orbax's arrays) and TensorFlow (TensorBoard) say it.
+    assert line(ValueError('RESOURCE_EXHAUSTED: Error writing local file "/r/4/_sharding": '
+                           "No space left on device [os_error_code='28']")) == (
+        "disk full writing /r/4/_sharding: [Errno 28] No space left on device")
+    assert line(RuntimeError("/r/tb/events.out; No space left on device\n\tFailed to flush")) == (
+        "disk full writing /r/tb/events.out: [Errno 28] No space left on device")
+    assert no_space(ValueError("no")) is None
