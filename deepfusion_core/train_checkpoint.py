@@ -56,7 +56,10 @@ def open_manager(workdir: Path, keep_last: int, keep_every: int | None,
         raise CheckpointError(f"cannot write checkpoints to {directory}: {e.strerror}") from None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last, keep_period=keep_every, create=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save,
+        # A killed writer's unfinished step directories: safe to remove, as the workdir's
+        # lock (see `workdir_lock`) guarantees no other writer is mid-save.
+        cleanup_tmp_directories=True)
     # Handlers named up front, so a fresh process can read metadata before any restore.
     # Absolute: Orbax's async writers refuse a relative path (`deepfusion run` defaults to the
     # relative runs/), and only fail in a background thread at the first save.

@@ -139,3 +139,13 @@ def test_a_read_only_checkpoints_directory_gives_one_line_and_a_prompt_exit(fini
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"error: cannot write checkpoints to {ckpts}: Read-only file system\n"
     assert sorted(p.name for p in ckpts.iterdir()) == ["4", "6"]
+
+
+def test_a_killed_writers_unfinished_step_is_cleaned_up_on_resume(finished, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(finished, workdir)
+    # What a writer killed mid-save leaves: a step not yet renamed into place (one that the
+    # resumed run does not save again, which would replace it).
+    shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / "7.orbax-checkpoint-tmp")
+    train(CFG, TRAIN.model_copy(update={"steps": 8}), DATA, workdir, progress=False)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6", "8"]
