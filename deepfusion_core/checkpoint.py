@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 import pydantic
 from flax import traverse_util
 
-from deepfusion_core import checksums
+from deepfusion_core import checksums, disk
 from deepfusion_core.config import T5Config
 from deepfusion_core.model import Params, param_shapes
 
@@ -45,6 +45,7 @@ class _NoOcdbtMergeNotice(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_NoOcdbtMergeNotice())
+disk.quiet_abandoned_writes()  # a disk full mid-save: one error, not one per write in flight
 
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:

@@ -39,8 +39,10 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)  # atomic: a crash here leaves the old or the new file
         self._file = self.path.open("a")
+        # Synchronous: a failed write (a full disk) raises here, in order, not in a writer
+        # thread that logs its traceback and raises it again at every later call.
         self._tb = metric_writers.create_default_writer(
-            str(workdir / "tensorboard"), just_logging=False, asynchronous=True)
+            str(workdir / "tensorboard"), just_logging=False, asynchronous=False)
 
     def write(self, record: dict) -> None:
         """Append `record`, unless the file already has this step's record of its kind (an
@@ -49,8 +51,11 @@ class MetricsLog:
         if not self.enabled or (key[0] != "summary" and key in self._logged):
             return
         self._logged.add(key)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a failed write does not name its file
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
                    if k not in ("kind", "step") and isinstance(v, (int, float))}
         if "step" in record:

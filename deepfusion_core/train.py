@@ -18,6 +18,7 @@ its span-corruption masks) is fixed by the data seed and position, both checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -30,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepfusion_core import data, sharding, train_checkpoint, workdir_lock
+from deepfusion_core import data, disk, sharding, train_checkpoint, workdir_lock
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
 from deepfusion_core.config import T5Config
 from deepfusion_core.flops import train_step_flops
@@ -71,6 +72,7 @@ def check_inputs(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig,
     sharding.check_mesh(mesh_shape, cfg, dc.batch_size)
     data.check_model_vocab(data.get_vocabulary(dc.vocab), cfg.vocab_size)
     data.register_task(dc)  # checks that the source exists and holds documents
+    data.check_eval_batches(dc, tc.eval_batches)  # counted once, then cached
     if init is not None:
         init_cfg = read_config(init)
         if init_cfg.model_copy(update={"dtype": cfg.dtype}) != cfg:
@@ -134,7 +136,7 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
     first_step = ts["step"]
     primary = jax.process_index() == 0  # the one writer of metrics; all processes checkpoint
     metrics = MetricsLog(workdir, first_step, enabled=primary)
-    eval_set = data.eval_batches(dc, tc.eval_batches)
+    eval_set: list = []  # built at the first evaluation: a stopped run may need none
     batches = data.train_batches(dc, start=ts["data_position"])
     step_flops = train_step_flops(cfg, dc.batch_size, dc.inputs_length, dc.targets_length)
     schedule = learning_rate_schedule(tc)
@@ -142,6 +144,7 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
 
     def run_eval():
         nonlocal last_eval
+        eval_set[:] = eval_set or data.eval_batches(dc, tc.eval_batches)
         last_eval = {"kind": "eval", "step": ts["step"],
                      **evaluate(eval_step, state["params"], eval_set, put)}
         metrics.write(last_eval)
@@ -151,6 +154,7 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
                 for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=tc.steps, initial=first_step, disable=not (progress and primary), unit="step",
                desc=workdir.name, dynamic_ncols=True)
+    finished = False
     try:
         if ts["step"] == 0 and tc.eval_every:
             run_eval()  # the starting point of every learning curve
@@ -206,10 +210,20 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
                    "device_s": ts["wall_s"] * ts["devices"], "devices": ts["devices"],
                    **{k: v for k, v in last_eval.items() if k.startswith("eval_")}}
         metrics.write(summary)
+        finished = True
         return summary if primary else None
+    except Exception as e:
+        # A full disk, however its writer said it: one OSError naming the first file that
+        # could not be written. The checkpoints before it are complete: a rerun resumes.
+        if (full := disk.no_space(e)) is not None:
+            raise full from e
+        raise
     finally:
         bar.close()
-        metrics.close()
-        manager.close()
         for s, h in handlers.items():
             signal.signal(s, h)
+        for close in (metrics.close, manager.close):
+            # After a failure, closing can only fail again (the disk is still full) and
+            # would replace the error that says what happened.
+            with contextlib.nullcontext() if finished else contextlib.suppress(Exception):
+                close()

@@ -9,6 +9,7 @@ then finds the node DONE, or resumes it if the holder died.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from deepfusion_core import fuse, load_model, save_model, workdir_lock
+from deepfusion_core import disk, fuse, load_model, save_model, workdir_lock
 from deepfusion_core.train import Preempted, train
 from pipeline import store
 from pipeline.plan import Plan, PlannedNode
@@ -70,8 +71,21 @@ def run_node(plan: Plan, name: str, log: Log = print, progress: bool = False) ->
             raise  # a stop request: the node saved a checkpoint and is resumable, not failed
         except Exception as e:
             if primary:
-                store.mark_failed(node.dir, f"{type(e).__name__}: {e}")
+                _record_failure(node, e)
             raise
+
+
+def _record_failure(node: PlannedNode, e: Exception) -> None:
+    """FAILED, with the error. On a full disk, the save the disk cut short (never resumed)
+    makes room for it first, and a FAILED that still does not fit is left out: it must not
+    replace the error, and the node resumes from its last checkpoint either way."""
+    message = f"{type(e).__name__}: {e}"
+    if disk.no_space(e) is None:
+        store.mark_failed(node.dir, message)
+        return
+    store.discard_unfinished_checkpoints(node.dir)
+    with contextlib.suppress(OSError):
+        store.mark_failed(node.dir, message)
 
 
 @contextmanager
@@ -197,6 +211,8 @@ def run_plan(plan: Plan, only: Iterable[str] | None = None, log: Log = print,
             except Preempted:
                 raise  # a stop request ends the run; the node saved a checkpoint
             except Exception as e:  # noqa: BLE001 - run_node recorded it; the others go on
+                if disk.no_space(e) is not None:
+                    raise  # every other node would fail the same way: the run ends here
                 message = f"{type(e).__name__}: {e}"
                 outcome[name] = f"failed: {message}"
                 log(f"{name}: FAILED {message}")

@@ -50,9 +50,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so a reader sees the old file or the whole new one (fsynced
     before the rename, so a crash cannot leave an empty file in place)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
+    try:
+        tmp.write_text(text)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: name the file (a failed write does not), leave none
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     tmp.replace(path)
 
 
@@ -96,6 +100,13 @@ def latest_checkpoint_step(node_dir: Path) -> int | None:
         return None
     steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
     return max(steps) if steps else None
+
+
+def discard_unfinished_checkpoints(node_dir: Path) -> None:
+    """Remove the steps Orbax left unfinished (`checkpoints/<step>.orbax-checkpoint-tmp`, a
+    save cut short): no restore reads them, and a full disk needs their space."""
+    for unfinished in (node_dir / "checkpoints").glob("*.orbax-checkpoint-tmp"):
+        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def copy_train_prefix(source: Path, step: int, node_dir: Path) -> None:

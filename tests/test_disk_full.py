@@ -30,12 +30,6 @@ from deepfusion_core import PRESETS, init_params, load_model
 from deepfusion_core.metrics import read_metrics
 from deepfusion_core.steps import TrainConfig, make_optimizer
 
-# Strict: it passes once the writers stop flooding (deepfusion_core.disk used by train,
-# train_checkpoint, checkpoint and metrics; pipeline.execute ending the run on a full disk),
-# and the marker must go with those changes.
-pytestmark = pytest.mark.xfail(strict=True, reason="the disk-full changes to deepfusion_core "
-                               "(train, train_checkpoint, checkpoint, metrics) and pipeline "
-                               "(execute, store) are not in yet")
 DEEPFUSION = Path(sys.executable).with_name("deepfusion")
 STAGES = """
 name: disk-full
