@@ -49,7 +49,7 @@ _PR_SET_PDEATHSIG = 1
 # after about a minute (plus the repossessor's 15 s loop) instead of Prefect's default 5 minutes.
 _LEASE_S = 60
 # How a node stopped by a signal exits: 128 + signal after saving its checkpoint, or killed by
-# the signal itself before training installed its handlers (its last checkpoint stands).
+# the signal itself outside the training loop's handlers (its last checkpoint stands).
 _STOPPED = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT",
             -signal.SIGTERM: "SIGTERM", -signal.SIGINT: "SIGINT"}
 
@@ -108,8 +108,9 @@ def _stop_with_parent(parent: int, done: threading.Event, logger) -> None:
     """Stop the flow like a cancellation when the process that started it dies.
 
     Polls the parent pid: the worker starts the flow process in a session of its own, so
-    nothing signals the flow process when the worker is killed (PR_SET_PDEATHSIG would be
-    set only after the start, and follows the worker's forking thread, not the worker).
+    nothing signals it when the worker is killed. PR_SET_PDEATHSIG could only be set here,
+    after the start (too late if the worker died first), and follows whichever worker thread
+    forked (its main thread in Prefect 3.8, an internal detail).
     """
     while not done.wait(0.2):
         if os.getppid() != parent:
@@ -127,8 +128,9 @@ def _stop_with_parent(parent: int, done: threading.Event, logger) -> None:
 
 
 def _term_with_parent() -> None:
-    # The node gets SIGTERM (and so checkpoints) when the flow process dies, e.g. when
-    # Prefect cancels the flow run: the worker signals only the flow process itself.
+    # The node gets SIGTERM (and so checkpoints) when the flow process dies outright (kill -9,
+    # out of memory), which no handler in the flow process sees. Cancellation needs no help:
+    # the worker signals the flow process's group, which holds the nodes too.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 

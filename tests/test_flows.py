@@ -186,15 +186,6 @@ def accelerator_slots_in_use(prefect) -> int:
     return next(limit["active_slots"] for limit in limits if limit["name"] == "accelerator")
 
 
-def rerun_resumes(prefect, params: dict, node_dir: Path, step: int) -> str:
-    """A new deployment run completes the node from its checkpoint at `step`."""
-    run_id = start_run(prefect, "six-settings-smoke", **params)
-    assert wait_run(prefect, run_id)["state_type"] == "COMPLETED", run_logs(prefect, run_id)[-3000:]
-    assert {t["state_name"] for t in task_runs(prefect, run_id).values()} == {"Completed"}
-    assert store.done_record(node_dir)["first_step"] == step
-    return run_id
-
-
 # Settings 1 and 4 (11 of the 23 nodes: every kind of node, fusion of fused models, the
 # baseline the report needs). The whole DAG through Prefect took 7 of the suite's 15 minutes;
 # tests/test_pipeline.py runs all 23 nodes in one process, and `deepfusion bench prefect`
@@ -272,37 +263,34 @@ def test_sigkill_of_a_node_then_rerun_resumes_it(prefect, tmp_path):
     assert (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns == ma_done
 
 
-def test_cancelling_the_flow_run_checkpoints_the_running_node_and_a_rerun_resumes_it(prefect,
-                                                                                  tmp_path):
-    # No periodic save before the last step: the checkpoint found is the one the stop made.
-    stages = long_stages(tmp_path, steps=400, eval_every=100, save_every=100000)
+def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_rerun_resumes(
+        prefect, tmp_path):
+    """One node through three deployment runs: the first is cancelled, the second resumes it
+    and loses its worker to SIGKILL, the third (on a new worker) resumes it and completes."""
+    # No periodic save before the last step: each checkpoint found is the one a stop made.
+    stages = long_stages(tmp_path, steps=200, eval_every=100, save_every=100000)
     runs = tmp_path / "runs"
     ma = build_plan(stages, "smoke", runs).nodes["Ma"]
     params = dict(stages=str(stages), nodes=["Ma"], runs_dir=str(runs))
-    run_id = start_run(prefect, "six-settings-smoke", **params)
+    cancelled = start_run(prefect, "six-settings-smoke", **params)
     wait_for_node(ma.dir, step=20)
-    cancel = subprocess.run([BIN / "prefect", "flow-run", "cancel", run_id], env=prefect["env"],
-                            capture_output=True, text=True, timeout=60)
-    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
-    assert wait_run(prefect, run_id, timeout=180)["state_type"] == "CANCELLED"
+    # What `prefect flow-run cancel` sends, without its 4 s start-up (some 150 more steps).
+    cancel = api_post(prefect, f"/flow_runs/{cancelled}/set_state",
+                      {"state": {"type": "CANCELLING"}})
+    assert cancel["status"] == "ACCEPT", cancel
+    assert wait_run(prefect, cancelled, timeout=180)["state_type"] == "CANCELLED"
     deadline = time.time() + 120
     while node_processes("Ma", runs) and time.time() < deadline:
         time.sleep(0.5)
     assert not node_processes("Ma", runs)
-    last = last_train_step(ma.dir)
-    assert 20 <= last < 400 and store.latest_checkpoint_step(ma.dir) == last
+    first_stop = last_train_step(ma.dir)
+    assert 20 <= first_stop < 200 and store.latest_checkpoint_step(ma.dir) == first_stop
     assert not store.is_done(ma.dir)
-    assert task_runs(prefect, run_id)["Ma"]["state_type"] == "CANCELLED"
-    rerun_resumes(prefect, params, ma.dir, last)
+    assert task_runs(prefect, cancelled)["Ma"]["state_type"] == "CANCELLED"
+    assert accelerator_slots_in_use(prefect) == 0
 
-
-def test_sigkill_of_the_worker_stops_its_flow_and_nodes_at_a_checkpoint(prefect, tmp_path):
-    stages = long_stages(tmp_path, steps=400, eval_every=100, save_every=100000)
-    runs = tmp_path / "runs"
-    ma = build_plan(stages, "smoke", runs).nodes["Ma"]
-    params = dict(stages=str(stages), nodes=["Ma"], runs_dir=str(runs))
-    first = start_run(prefect, "six-settings-smoke", **params)
-    wait_for_node(ma.dir, step=20)
+    orphaned = start_run(prefect, "six-settings-smoke", **params)
+    wait_for_node(ma.dir, step=first_stop + 10)
     worker = prefect["workers"][-1]
     flow_processes = [p for p in psutil.Process(worker.pid).children()
                       if "prefect.engine" in p.cmdline()]
@@ -310,21 +298,26 @@ def test_sigkill_of_the_worker_stops_its_flow_and_nodes_at_a_checkpoint(prefect,
     assert len(flow_processes) == 1 and len(nodes) == 1
     worker.kill()
     killed = time.perf_counter()
-    deadline = time.perf_counter() + 10
+    deadline = killed + 10
     while running(flow_processes + nodes) and time.perf_counter() < deadline:
         time.sleep(0.1)
     print(f"flow and node processes gone {time.perf_counter() - killed:.1f}s after the worker's "
           "SIGKILL")
     assert not running(flow_processes + nodes) and not node_processes("Ma", runs)
-    # The node saved the step it was at when told to stop (no periodic save before step 400).
-    last = last_train_step(ma.dir)
-    assert 20 <= last < 400 and store.latest_checkpoint_step(ma.dir) == last
-    assert wait_run(prefect, first, timeout=30)["state_type"] == "CRASHED"
-    assert task_runs(prefect, first)["Ma"]["state_type"] == "CANCELLED"
+    second_stop = last_train_step(ma.dir)
+    assert first_stop + 10 <= second_stop < 200
+    assert store.latest_checkpoint_step(ma.dir) == second_stop
+    assert logged(prefect, orphaned, f"from step {first_stop}")  # it resumed the first stop
+    assert wait_run(prefect, orphaned, timeout=30)["state_type"] == "CRASHED"
+    assert task_runs(prefect, orphaned)["Ma"]["state_type"] == "CANCELLED"
     assert accelerator_slots_in_use(prefect) == 0  # released by the flow process on its way out
 
     start_worker(prefect)
-    rerun_resumes(prefect, params, ma.dir, last)
+    completed = start_run(prefect, "six-settings-smoke", **params)
+    assert wait_run(prefect, completed)["state_type"] == "COMPLETED", \
+        run_logs(prefect, completed)[-3000:]
+    assert task_runs(prefect, completed)["Ma"]["state_name"] == "Completed"
+    assert store.done_record(ma.dir)["first_step"] == second_stop
     assert accelerator_slots_in_use(prefect) == 0
 
 
