@@ -68,7 +68,10 @@ def reported():
     except Exception as e:  # noqa: BLE001 - sorted below; anything else is re-raised
         train = sys.modules.get("deepfusion_core.train")
         if train is not None and isinstance(e, train.Preempted):
-            typer.echo(str(e), err=True)  # the node saved a checkpoint; a rerun resumes it
+            # The node saved a checkpoint; a rerun resumes it. Its stderr may be a pipe to a
+            # flow process that died (the reason for the stop): the exit status still counts.
+            with contextlib.suppress(OSError):
+                typer.echo(str(e), err=True)
             raise typer.Exit(128 + e.signum) from None
         # Every command that writes has loaded the library (whose import takes seconds: not
         # for a usage error).

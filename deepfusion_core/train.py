@@ -100,19 +100,29 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
     with a fresh optimizer and schedule. Without it the params are initialised from tc.seed.
     A workdir that another process is writing is refused (`workdir_lock.LockedError`).
     """
-    mesh_shape = check_inputs(cfg, tc, dc, init)
-    workdir = Path(workdir)
-    # One writer per workdir: a second one refuses, naming the first (a pipeline node holds
-    # this lock already and joins it). The first process alone locks, as it alone writes the
-    # metrics; in a local multi-process run its refusal stops the others.
-    with (workdir_lock.hold(workdir, f"workdir {workdir}", wait=False, log=log, reenter=True)
-          if jax.process_index() == 0 else nullcontext()):
-        return _train(cfg, tc, dc, workdir, mesh_shape, init, progress, log)
+    # SIGTERM/SIGINT are caught from the start: one that arrives while compiling or
+    # restoring stops the run at the loop's first check, with a checkpoint, like any other.
+    stop: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        mesh_shape = check_inputs(cfg, tc, dc, init)
+        workdir = Path(workdir)
+        # One writer per workdir: a second one refuses, naming the first (a pipeline node
+        # holds this lock already and joins it). The first process alone locks, as it alone
+        # writes the metrics; in a local multi-process run its refusal stops the others.
+        with (workdir_lock.hold(workdir, f"workdir {workdir}", wait=False, log=log,
+                                reenter=True)
+              if jax.process_index() == 0 else nullcontext()):
+            return _train(cfg, tc, dc, workdir, mesh_shape, init, progress, log, stop)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
            mesh_shape: tuple[int, int], init: str | Path | None, progress: bool,
-           log: Callable[[str], None]) -> dict | None:
+           log: Callable[[str], None], stop: list[int]) -> dict | None:
     mesh = sharding.make_mesh(mesh_shape)
     init_random, init_state, state_sh, abstract, train_step, eval_step = compiled_steps(
         cfg, tc.model_copy(update={"seed": 0}), mesh)
@@ -149,14 +159,11 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
                      **evaluate(eval_step, state["params"], eval_set, put)}
         metrics.write(last_eval)
 
-    stop: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=tc.steps, initial=first_step, disable=not (progress and primary), unit="step",
                desc=workdir.name, dynamic_ncols=True)
     finished = False
     try:
-        if ts["step"] == 0 and tc.eval_every:
+        if ts["step"] == 0 and tc.eval_every and not stop:
             run_eval()  # the starting point of every learning curve
         stopping = False
         while ts["step"] < tc.steps and not (stopping := _all_agree_to_stop(stop)):
@@ -220,8 +227,6 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
         raise
     finally:
         bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
         for close in (metrics.close, manager.close):
             # After a failure, closing can only fail again (the disk is still full) and
             # would replace the error that says what happened.

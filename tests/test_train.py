@@ -229,9 +229,9 @@ STOP_TRAIN = SMALL_TRAIN.model_copy(update={"steps": 48, "eval_every": 8})
 
 def test_sigterm_at_twenty_moments_always_checkpoints_and_resumes_bit_identically(
         tmp_path, monkeypatch):
-    # Real SIGTERMs to this process, handled by train(): a third right after a regular save,
-    # a third right before one, a third from another thread at a random moment of a random
-    # step (in a step, an evaluation or an asynchronous save in flight).
+    # Real SIGTERMs to this process, handled by train(): right after a regular save, right
+    # before one, from another thread at a random moment of a random step (in a step, an
+    # evaluation or an asynchronous save in flight), and while restoring, before the loop.
     from deepfusion_core import train as train_module
     from deepfusion_core.train import Preempted
 
@@ -256,12 +256,20 @@ def test_sigterm_at_twenty_moments_always_checkpoints_and_resumes_bit_identicall
                 return
             time.sleep(0.002)
 
+    real_restore = train_module.train_checkpoint.restore_latest
+
+    def restore_with_stop(*args, **kwargs):
+        if plan.get("mode") == "restoring":
+            signal.raise_signal(signal.SIGTERM)
+        return real_restore(*args, **kwargs)
+
     monkeypatch.setattr(train_module.train_checkpoint, "save", save_with_stop)
+    monkeypatch.setattr(train_module.train_checkpoint, "restore_latest", restore_with_stop)
     workdir, stops, done = tmp_path / "w", [], threading.Event()
     for i in range(20):
         start = stops[-1] if stops else 0
         step = start + 1 + int(rng.integers(0, 2))
-        plan.update(mode=("after save", "before save", "thread")[i % 3], step=step)
+        plan.update(mode=("after save", "before save", "thread", "restoring")[i % 4], step=step)
         thread = None
         if plan["mode"] == "thread":
             done.clear()
@@ -275,7 +283,8 @@ def test_sigterm_at_twenty_moments_always_checkpoints_and_resumes_bit_identicall
         stop = stopped.value.step
         assert stopped.value.signum == signal.SIGTERM  # the CLI exits 128 + 15 = 143
         steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-        assert max(steps) == stop == train_records(workdir)[-1]["step"], (seed, i, plan)
+        logged = [r["step"] for r in train_records(workdir)] or [0]
+        assert max(steps) == stop == logged[-1], (seed, i, plan)
         stops.append(stop)
     plan.clear()
     train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, workdir, progress=False)
