@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -203,12 +202,6 @@ def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
     return {**summary, "process_wall_s": process_wall_s, "slot_wait_s": slot_wait_s}
 
 
-def _set_aside(node_dir: Path) -> None:
-    """`force`: keep the old node directory, renamed, and let the node run afresh."""
-    if node_dir.exists():
-        shutil.move(node_dir, node_dir.with_name(f"{node_dir.name}.replaced-{int(time.time())}"))
-
-
 @flow(name="staged-growth", log_prints=True)
 def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
                   nodes: list[str] | None = None, force: bool = False, runs_dir: str = "runs",
@@ -229,7 +222,7 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     _nodes = _NodeProcesses()
     if force:
         for name in nodes or order:
-            _set_aside(plan.nodes[name].dir)
+            store.set_aside(plan.nodes[name].dir)
     done = threading.Event()
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker (or runner) for this run
         threading.Thread(target=_stop_with_parent, daemon=True,

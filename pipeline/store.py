@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -107,6 +108,15 @@ def discard_unfinished_checkpoints(node_dir: Path) -> None:
     save cut short): no restore reads them, and a full disk needs their space."""
     for unfinished in (node_dir / "checkpoints").glob("*.orbax-checkpoint-tmp"):
         shutil.rmtree(unfinished, ignore_errors=True)
+
+
+def set_aside(node_dir: Path) -> None:
+    """Keep a node's directory, renamed `<dir>.replaced-<time>`, so the node runs afresh
+    (`force`); refused (`workdir_lock.LockedError`) while another writer holds the node."""
+    if node_dir.exists():
+        with workdir_lock.hold(node_dir, f"node {node_dir.name}", wait=False):
+            replaced = f"{node_dir.name}.replaced-{int(time.time())}"
+            shutil.move(node_dir, node_dir.with_name(replaced))
 
 
 def copy_train_prefix(source: Path, step: int, node_dir: Path) -> None:

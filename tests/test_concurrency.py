@@ -211,3 +211,14 @@ def test_a_flow_beside_a_run_trains_the_node_once(stages, single_writer, tmp_pat
     assert "finished by another writer meanwhile" in output(waiter), outputs
     assert_single_writers_result(node_dir, single_writer)
     assert (runs / "six-settings" / "report" / "smoke" / "report.md").is_file()
+
+
+def test_force_does_not_set_aside_a_node_another_writer_holds(tmp_path):
+    node = tmp_path / "S1-abc"
+    node.mkdir()
+    with workdir_lock.hold(node, "node S1", wait=False):
+        with pytest.raises(workdir_lock.LockedError, match="in use"):
+            store.set_aside(node)
+        assert node.is_dir()
+    store.set_aside(node)
+    assert [p.name.split(".replaced-")[0] for p in tmp_path.iterdir()] == ["S1-abc"]
