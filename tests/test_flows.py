@@ -190,7 +190,7 @@ def accelerator_slots_in_use(prefect) -> int:
 # baseline the report needs). The whole DAG through Prefect took 7 of the suite's 15 minutes;
 # tests/test_pipeline.py runs all 23 nodes in one process, and `deepfusion bench prefect`
 # (BENCHMARKS.md) all 23 through Prefect.
-SMOKE_NODES = ["L1", "L4"]
+SMOKE_NODES = ["L1", "L2"]  # S, M and L nodes; a fusion of two models and a self fusion
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +204,11 @@ def smoke(prefect, tmp_path_factory):
 
 def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     run_id, run, runs, seconds = smoke
-    print(f"smoke DAG (settings 1 and 4) through Prefect: {seconds:.0f}s")
+    print(f"smoke DAG (settings 1 and 2) through Prefect: {seconds:.0f}s")
     assert run["state_type"] == "COMPLETED", run_logs(prefect, run_id)[-3000:]
     plan = build_plan(REPO / "stages.yaml", "smoke", runs)
     wanted = {n for node in SMOKE_NODES for n in plan.ancestry(node)}
-    assert len(wanted) == 11
+    assert len(wanted) == 7
     tasks = task_runs(prefect, run_id)
     assert set(tasks) == wanted
     assert {t["state_type"] for t in tasks.values()} == {"COMPLETED"}
@@ -239,28 +239,6 @@ def test_a_second_run_finds_every_node_cached(prefect, smoke):
           f"(flow run {run['total_run_time']:.1f}s)")
     assert run["state_type"] == "COMPLETED"
     assert {t["state_name"] for t in task_runs(prefect, run_id).values()} == {"Cached"}
-
-
-def test_sigkill_of_a_node_then_rerun_resumes_it(prefect, tmp_path):
-    stages = long_stages(tmp_path, steps=40, save_every=4)
-    runs = tmp_path / "runs"
-    plan = build_plan(stages, "smoke", runs)
-    params = dict(stages=str(stages), profile="smoke", nodes=["L5"], runs_dir=str(runs))
-    first = start_run(prefect, "six-settings-smoke", **params)
-    wait_for_node(plan.nodes["L5"].dir, step=14, checkpoint=8)
-    victims = node_processes("L5", runs)
-    assert victims, "no node process found"
-    for p in victims:
-        p.send_signal(signal.SIGKILL)
-    assert wait_run(prefect, first)["state_type"] == "FAILED"
-    ma_done = (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns
-
-    second = start_run(prefect, "six-settings-smoke", **params)
-    assert wait_run(prefect, second)["state_type"] == "COMPLETED"
-    tasks = task_runs(prefect, second)
-    assert tasks["Ma"]["state_name"] == "Cached" and tasks["L5"]["state_name"] == "Completed"
-    assert store.done_record(plan.nodes["L5"].dir)["first_step"] >= 8
-    assert (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns == ma_done
 
 
 def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_rerun_resumes(

@@ -67,8 +67,8 @@ def test_validation_loss_falls_on_c4(shared_data, tmp_path):
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_is_bit_identical_record_for_record(
         shared_data, tmp_path):
-    # Three kills: one before the first checkpoint (it used to leave the step-0 evaluation
-    # twice), two at random steps and a random moment within them, saves included.
+    # Two kills: one before the first checkpoint (it used to leave the step-0 evaluation
+    # twice), one at a random step and a random moment within it, saves included.
     rng = np.random.default_rng(int(time.time()))
     seed = int(rng.integers(2**31))
     rng = np.random.default_rng(seed)
@@ -79,7 +79,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical_record_for_record
     assert straight.returncode == 0, straight.stderr
 
     crashed = tmp_path / "crashed"
-    for low, high in ((1, 4), (6, 18), (21, 38)):
+    for low, high in ((1, 4), (6, 36)):
         proc = subprocess.Popen([DEEPFUSION, *args, "--workdir", crashed],
                                 stderr=subprocess.PIPE, text=True)
         wait_for_step(crashed, int(rng.integers(low, high + 1)), proc)
