@@ -543,7 +543,8 @@ def bench_checkpoint(preset: str = "cpu-L", directory: Annotated[Optional[Path],
              f"{r['orbax_save_gb_per_s']} GB/s vs raw write + fsync {r['raw_write_gb_per_s']} "
              f"GB/s ({r['save_over_raw']:.0%}; {r['raw_write_cached_gb_per_s']} GB/s without "
              f"fsync); restore {r['orbax_restore_gb_per_s']} GB/s vs raw "
-             f"read {r['raw_read_gb_per_s']} GB/s ({r['restore_over_raw']:.0%})")
+             f"read {r['raw_read_gb_per_s']} GB/s ({r['restore_over_raw']:.0%}); checksums "
+             f"{r['checksums_s']}s = {r['checksums_over_save']:.1%} of the save")
 
 
 @bench_app.command("prefect")

@@ -4,15 +4,15 @@ Orbax stores arrays as plain zarr chunks without any checksum, so random bytes i
 restore silently as garbage values (a resumed run then trains to NaN, a fusion of the model
 succeeds). Each array gets two 32-bit sums of its bits, with wraparound arithmetic::
 
-    plain    = sum(bits)                     any change to a single element changes it
-    weighted = sum(bits * position weight)   catches swapped and shifted elements
+    plain    = sum(bits)                        any change to a single element changes it
+    weighted = sum(bits * (1 + P * row index))  catches swapped and shifted rows
 
-The position weight is affine in the element's global index (1 + sum of index x an odd
-constant per axis), so the weighted sum splits into one marginal sum per axis. Both sums are
-therefore computed shard by shard, wherever the shards live and however the array is
-sharded, and add up to the same value: a checkpoint saved from 8 devices verifies when it is
-loaded whole on the host. numpy sums run at memory speed (BENCHMARKS.md, `bench
-checkpoint`). This detects corruption; it is not a cryptographic digest.
+where the row is the index along the first axis (the element, for a vector). Both sums add
+up shard by shard, wherever the shards live and however the array is sharded, so a
+checkpoint saved from 8 devices verifies when it is loaded whole on the host. They cost one
+pass over memory in numpy (BENCHMARKS.md, `bench checkpoint`); weighting each axis would
+catch swaps within a row too, for a second pass. This detects corruption; it is not a
+cryptographic digest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 _WORD = 2**32
-_AXIS_WEIGHTS = (2654435761, 2246822519, 3266489917, 668265263, 374761393, 3323198485)
+_ROW_WEIGHT = 2654435761  # odd: distinct rows get distinct weights modulo 2**32
 
 
 def _words(block: np.ndarray) -> np.ndarray:
@@ -37,34 +37,28 @@ def _words(block: np.ndarray) -> np.ndarray:
     return block.view(f"u{block.dtype.itemsize}").astype(np.uint32)
 
 
-def _block_sums(block: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray:
-    """(plain, weighted) of one block whose first element sits at global index `offsets`."""
+def _block_sums(block: np.ndarray, first_row: int) -> np.ndarray:
+    """(plain, weighted) of one block whose first row is the array's row `first_row`."""
     words = _words(block)
-    offsets = offsets + (0,) * (words.ndim - len(offsets))
     if words.ndim == 0:
         plain = int(words)
         return np.array([plain, plain], dtype=np.uint64)
-    weighted = 0
-    for axis in range(words.ndim):
-        others = tuple(a for a in range(words.ndim) if a != axis)
-        marginal = words.sum(axis=others, dtype=np.uint32) if others else words
-        index = np.arange(offsets[axis], offsets[axis] + words.shape[axis], dtype=np.uint64)
-        index = (index % _WORD).astype(np.uint32)
-        weighted += _AXIS_WEIGHTS[axis % len(_AXIS_WEIGHTS)] * int(
-            np.sum(marginal * index, dtype=np.uint32))
-    plain = int(marginal.sum(dtype=np.uint32))
+    rows = words.reshape(words.shape[0], -1).sum(axis=1, dtype=np.uint32)
+    index = np.arange(first_row, first_row + len(rows), dtype=np.uint64) % _WORD
+    plain = int(rows.sum(dtype=np.uint32))
+    weighted = _ROW_WEIGHT * int(np.sum(rows * index.astype(np.uint32), dtype=np.uint32))
     return np.array([plain, (plain + weighted) % _WORD], dtype=np.uint64)
 
 
 def _array_sums(x: Any) -> np.ndarray:
     """This process's share of the sums of `x`: each distinct shard it holds, once."""
     if not isinstance(x, jax.Array):
-        return _block_sums(np.asarray(x), (0,) * np.ndim(x))
+        return _block_sums(np.asarray(x), 0)
     total = np.zeros(2, dtype=np.uint64)
     for shard in x.addressable_shards:
         if shard.replica_id == 0:  # a replicated shard counts once, wherever it lives
-            offsets = tuple(s.start or 0 for s in shard.index)
-            total += _block_sums(np.asarray(shard.data), offsets)
+            first_row = (shard.index[0].start or 0) if shard.index else 0
+            total += _block_sums(np.asarray(shard.data), first_row)
     return total % _WORD
 
 
