@@ -5,7 +5,6 @@ death, bad input."""
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
