@@ -80,7 +80,7 @@ def check_space(directory: Path, need: int, writing: Path) -> None:
                       str(writing))
 
 
-_UNFINISHED = ".orbax-checkpoint-tmp"  # the directory Orbax writes a checkpoint into
+UNFINISHED = ".orbax-checkpoint-tmp"  # suffix of the directory Orbax writes a step into
 
 
 @functools.cache
@@ -96,7 +96,7 @@ def _abandoned(exc: BaseException | None, frames: list[str]) -> bool:
     if exc is None:
         return False
     frames = frames + [f.filename for f in traceback.extract_tb(exc.__traceback__)]
-    return any(f.startswith(_orbax_dir()) for f in frames) or _UNFINISHED in str(exc)
+    return any(f.startswith(_orbax_dir()) for f in frames) or UNFINISHED in str(exc)
 
 
 class _AbandonedWrites(logging.Filter):

@@ -20,7 +20,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from deepfusion_core import workdir_lock
+from deepfusion_core import disk, workdir_lock
 
 
 def inside(root: Path, *parts: str) -> Path:
@@ -106,7 +106,7 @@ def latest_checkpoint_step(node_dir: Path) -> int | None:
 def discard_unfinished_checkpoints(node_dir: Path) -> None:
     """Remove the steps Orbax left unfinished (`checkpoints/<step>.orbax-checkpoint-tmp`, a
     save cut short): no restore reads them, and a full disk needs their space."""
-    for unfinished in (node_dir / "checkpoints").glob("*.orbax-checkpoint-tmp"):
+    for unfinished in (node_dir / "checkpoints").glob(f"*{disk.UNFINISHED}"):
         shutil.rmtree(unfinished, ignore_errors=True)
 
 
