@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deepfusion_core.factoring import factored_dims
+
 DECAY_RATE = 0.8
 CLIPPING_THRESHOLD = 1.0
-MIN_DIM_SIZE_TO_FACTOR = 128
 MIN_PARAM_SCALE = 1e-3
 EPSILON = 1e-30
 
@@ -35,16 +36,6 @@ class AdafactorState(NamedTuple):
     v_row: optax.Params
     v_col: optax.Params
     v: optax.Params
-
-
-def _factored_dims(shape) -> tuple[int, int] | None:
-    """(second-largest, largest) axes to factor over, as optax chooses them; None: unfactored."""
-    if len(shape) < 2:
-        return None
-    order = np.argsort(shape)
-    if shape[order[-2]] < MIN_DIM_SIZE_TO_FACTOR:
-        return None
-    return int(order[-2]), int(order[-1])
 
 
 def _mean(x: jax.Array, axis: int) -> jax.Array:
@@ -65,7 +56,7 @@ def adafactor(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransforma
 
     def init(params):
         def moments(p):
-            dims = _factored_dims(p.shape)
+            dims = factored_dims(p.shape)
             empty = jnp.zeros((1,), p.dtype)
             if dims is None:
                 return empty, empty, jnp.zeros_like(p)
@@ -84,7 +75,7 @@ def adafactor(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransforma
 
         def one(g, v_row, v_col, v, p):
             g_sq = jnp.square(g) + EPSILON
-            dims = _factored_dims(p.shape)
+            dims = factored_dims(p.shape)
             if dims is None:
                 v = decay * v + (1.0 - decay) * g_sq
                 u = g * jax.lax.rsqrt(v)

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 
 from deepfusion_core import PRESETS, init_params
-from deepfusion_core.adafactor import _factored_dims, adafactor
+from deepfusion_core.adafactor import adafactor
+from deepfusion_core.factoring import factored_dims
 
 
 def _optax_t5_adafactor(schedule):
@@ -17,8 +18,8 @@ def _optax_t5_adafactor(schedule):
 def test_matches_optax_adafactor_over_several_steps():
     # tiny-L has factored ([128, 256] MLP, [32128, 128] embedding) and unfactored leaves.
     params = init_params(PRESETS["tiny-L"], 0)
-    assert any(_factored_dims(p.shape) for p in jax.tree.leaves(params))
-    assert any(_factored_dims(p.shape) is None for p in jax.tree.leaves(params))
+    assert any(factored_dims(p.shape) for p in jax.tree.leaves(params))
+    assert any(factored_dims(p.shape) is None for p in jax.tree.leaves(params))
     schedule = lambda step: 1e-2 * jnp.minimum(1.0, (step + 1) / 3)  # noqa: E731
     ours, ref = adafactor(schedule), _optax_t5_adafactor(schedule)
     p_ours, p_ref = params, params
