@@ -5,7 +5,8 @@ attention logits without 1/sqrt(head_dim) (folded into the query init), one rela
 bias table per stack (bidirectional in the encoder, causal in the decoder), untied logits head.
 
 Parameter tree (d = d_model, H = num_heads, k = head_dim, f = d_ff, V = vocab_size, B =
-relpos_buckets; logical axis names in brackets, which both sharding and fusion read)::
+relpos_buckets; logical axis names in brackets, which both sharding and fusion read; planning
+reads the same tree from `param_layout`, without JAX, and a test keeps the two equal)::
 
     token_embedder/embedding                           [V, d]      (vocab, embed)
     encoder/relpos_bias/rel_embedding                  [H, B]      (heads, relpos_buckets)
@@ -41,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepfusion_core.config import T5Config
+from deepfusion_core.param_layout import Params, count_params  # noqa: F401 - the model's API
+from deepfusion_core.param_layout import param_layout, unflatten
 
-Params = dict[str, Any]
 _NEG_INF = -1e10  # finite, so a fully masked row gives a uniform softmax instead of NaN
 RMSNORM_EPS = 1e-6
 
@@ -296,40 +298,22 @@ class T5(nn.Module):
                                             enc_segments, dec_segments)
 
 
-def _dummy_tokens():
-    return jnp.ones((1, 1), jnp.int32)
-
-
-def _boxed_init(cfg: T5Config, seed: int):
-    return T5(cfg).init(jax.random.PRNGKey(seed), _dummy_tokens(), _dummy_tokens())["params"]
-
-
-@functools.lru_cache(maxsize=64)
-def _abstract_boxed_params(cfg: T5Config):
-    # Tracing the model takes ~0.3 s and every save, load and plan (per node) asks.
-    return jax.eval_shape(functools.partial(_boxed_init, cfg, 0))
-
-
 def param_shapes(cfg: T5Config) -> Params:
-    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating (cached per
-    config; each caller gets its own copy of the tree)."""
-    return nn.meta.unbox(_abstract_boxed_params(cfg))
+    """The parameter tree as `jax.ShapeDtypeStruct`s, from `param_layout` (nothing is
+    allocated or traced; each caller gets its own tree)."""
+    return unflatten({path: jax.ShapeDtypeStruct(spec.shape, spec.dtype)
+                      for path, spec in param_layout(cfg).items()})
 
 
 def param_axes(cfg: T5Config) -> Params:
     """The logical axis names of every parameter (a tree of tuples, same structure)."""
-    return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed_params(cfg),
-                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
-def count_params(cfg: T5Config) -> int:
-    """Number of parameters, from abstract shapes (nothing is allocated)."""
-    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(cfg)))
+    return unflatten({path: spec.axes for path, spec in param_layout(cfg).items()})
 
 
 @functools.partial(jax.jit, static_argnums=0)  # the seed is traced: one compile per config
 def _init_params(cfg: T5Config, seed) -> Params:
-    return nn.meta.unbox(_boxed_init(cfg, seed))
+    tokens = jnp.ones((1, 1), jnp.int32)
+    return nn.meta.unbox(T5(cfg).init(jax.random.PRNGKey(seed), tokens, tokens)["params"])
 
 
 def init_params(cfg: T5Config, seed: int = 0) -> Params:

@@ -18,6 +18,7 @@ from typing import Any
 
 from deepfusion_core.config import T5Config
 
+Params = dict[str, Any]  # a nested dict of parameter arrays, keyed by module and name
 ParamPath = tuple[str, ...]
 PARAM_DTYPE = "float32"  # parameters are stored in float32 whatever the compute dtype
 
