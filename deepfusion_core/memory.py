@@ -1,8 +1,8 @@
 """Per-device memory of a training step, estimated from shapes before anything runs.
 
 The planner uses it to refuse a profile whose nodes cannot fit their devices, and
-`deepfusion plan` shows it for every train node. Nothing is allocated: parameter shapes come
-from `jax.eval_shape`, and the rest is arithmetic on them.
+`deepfusion plan` shows it for every train node. Nothing is allocated and JAX is not imported:
+parameter shapes and axes come from `param_layout`, and the rest is arithmetic on them.
 
 Per device, with a (data, model) mesh (params, gradients and optimizer state are split over
 `model` along the heads/mlp/vocab axes and replicated over `data`; activations are split over
@@ -24,12 +24,11 @@ analysis of the compiled paper-size step.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from deepfusion_core.adafactor import _factored_dims
 from deepfusion_core.config import T5Config
-from deepfusion_core.model import param_axes, param_shapes
+from deepfusion_core.factoring import factored_dims
+from deepfusion_core.param_layout import param_layout
 
 _MODEL_AXES = {"heads", "mlp", "vocab"}  # the logical axes `sharding.LOGICAL_RULES` map to model
 
@@ -39,10 +38,9 @@ def train_memory(cfg: T5Config, batch: int, inputs_length: int, targets_length: 
                  remat: bool = False) -> dict[str, int]:
     """Estimated bytes per device of one training step, by part, and their `total`."""
     data, model = mesh
-    shapes, axes = param_shapes(cfg), param_axes(cfg)
-    flat_shapes = [s.shape for s in jax.tree.leaves(shapes)]
-    split = [model if _MODEL_AXES & set(a) else 1
-             for a in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))]
+    layout = param_layout(cfg).values()
+    flat_shapes = [spec.shape for spec in layout]
+    split = [model if _MODEL_AXES & set(spec.axes) else 1 for spec in layout]
     params = sum(int(np.prod(s)) // k for s, k in zip(flat_shapes, split))
     compute_bytes = 2 if cfg.dtype == "bfloat16" else 4
     parts = {"params": params * (4 + (compute_bytes if compute_bytes == 2 else 0)),
@@ -58,7 +56,7 @@ def train_memory(cfg: T5Config, batch: int, inputs_length: int, targets_length: 
 
 
 def _adafactor_floats(shape) -> int:
-    dims = _factored_dims(shape)
+    dims = factored_dims(shape)
     if dims is None:
         return int(np.prod(shape))
     return int(np.prod(shape)) // shape[dims[1]] + int(np.prod(shape)) // shape[dims[0]]
@@ -96,6 +94,8 @@ def compiled_memory(cfg: T5Config, tc, batch: int, inputs_length: int,
     step. XLA:CPU's figures overstate what a TPU/GPU needs: it computes bfloat16 in float32
     and its scheduler does not trade recomputation for memory.
     """
+    import jax  # here, not at the top: planning imports this module and must not load JAX
+
     from deepfusion_core import sharding
     from deepfusion_core.steps import BATCH_KEYS, compiled_steps
 
