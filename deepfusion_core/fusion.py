@@ -1,7 +1,7 @@
 """Deep fusion (arXiv 2306.11903, section 3): grow a model from n >= 2 models.
 
 The fused model carries the concatenation of its inputs' hidden states. Every parameter is
-fused by one rule read off its logical axes (see `model.param_axes`): along each *fused* axis
+fused by one rule read off its logical axes (see `param_layout`): along each *fused* axis
 (`embed`, `heads`, `mlp`) the inputs occupy consecutive blocks; the other axes (`vocab`, `kv`,
 `relpos_buckets`) are shared. A tensor with two fused axes (attention and MLP kernels)
 becomes block-diagonal; the off-diagonal ("cross") blocks are zero or N(0, cross_std^2).
@@ -18,7 +18,8 @@ that decides the default: the exact choice, and the standard architecture where 
 exact.
 
 Fusion runs in host memory (numpy), one parameter at a time, and writes each output block
-once: peak memory is the inputs plus the output.
+once: peak memory is the inputs plus the output. The module imports no JAX, so the planner
+derives fused configs without loading it.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from flax import traverse_util
 
 from deepfusion_core.config import T5Config
-from deepfusion_core.model import Params, param_axes
+from deepfusion_core.param_layout import Params, flatten, param_layout, unflatten
 
 FUSED_AXES = frozenset({"embed", "heads", "mlp"})
 LOGITS_KERNEL = ("decoder", "logits_dense", "kernel")
@@ -104,13 +104,13 @@ def default_norm(configs: Sequence[T5Config], self_fusion: bool) -> Norm:
 
 def _is_self_fusion(models: Sequence[tuple[T5Config, Params]]) -> bool:
     cfg0, params0 = models[0]
-    flat0 = traverse_util.flatten_dict(params0)
+    flat0 = flatten(params0)
     for cfg, params in models[1:]:
         if cfg != cfg0:
             return False
         if params is params0:
             continue
-        flat = traverse_util.flatten_dict(params)
+        flat = flatten(params)
         if any(not np.array_equal(np.asarray(flat[k]), np.asarray(v)) for k, v in flat0.items()):
             return False
     return True
@@ -164,13 +164,12 @@ def fuse(models: Sequence[tuple[T5Config, Params]], norm: Norm | None = None,
     weights = [1.0 / len(models)] * len(models) if weights is None else list(weights)
 
     out_cfg = fused_config(configs, norm)
-    axes = traverse_util.flatten_dict(param_axes(out_cfg))
-    inputs = [traverse_util.flatten_dict(params) for _, params in models]
+    inputs = [flatten(params) for _, params in models]
     fused = {}
-    for key, leaf_axes in axes.items():
+    for key, spec in param_layout(out_cfg).items():
         leaves = [np.asarray(flat[key], dtype=np.float32) for flat in inputs]
         out_shape = tuple(
             sum(leaf.shape[d] for leaf in leaves) if name in FUSED_AXES else leaves[0].shape[d]
-            for d, name in enumerate(leaf_axes))
-        fused[key] = _fuse_leaf(key, leaves, leaf_axes, out_shape, cross_std, seed, weights)
-    return out_cfg, traverse_util.unflatten_dict(fused)
+            for d, name in enumerate(spec.axes))
+        fused[key] = _fuse_leaf(key, leaves, spec.axes, out_shape, cross_std, seed, weights)
+    return out_cfg, unflatten(fused)
