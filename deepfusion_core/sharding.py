@@ -2,21 +2,23 @@
 
 The mesh has two axes, `data` and `model`. Parameters carry logical axis names (see
 `model.param_axes`); these rules map them onto the mesh: the batch is split over `data`,
-heads, MLP features and the vocabulary over `model`, everything else is replicated.
+heads, MLP features and the vocabulary over `model`, everything else is replicated. Mesh
+specs and the checks that need no devices live in `mesh_spec` (no JAX there).
 """
 
 from __future__ import annotations
 
 import os
-import re
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deepfusion_core import distributed
+from deepfusion_core import distributed, mesh_spec
 from deepfusion_core.config import T5Config
+from deepfusion_core.mesh_spec import MeshError, check_mesh_fits
 from deepfusion_core.model import param_axes
 
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
@@ -30,18 +32,10 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-class MeshError(ValueError):
-    """A mesh that does not fit the devices, the batch or the model."""
-
-
 def parse_mesh(spec: str | None) -> tuple[int, int]:
-    """`"data=4,model=2"` -> (4, 2); None -> all devices on `data`."""
-    if spec is None:
-        return jax.device_count(), 1
-    m = re.fullmatch(r"\s*data\s*=\s*(\d+)\s*,\s*model\s*=\s*(\d+)\s*", spec)
-    if not m or int(m[1]) < 1 or int(m[2]) < 1:
-        raise MeshError(f"--mesh must look like data=D,model=M with positive D and M, got {spec!r}")
-    return int(m[1]), int(m[2])
+    """`"data=4,model=2"` -> (4, 2) (see `mesh_spec.parse_mesh`); None -> all devices on
+    `data`."""
+    return (jax.device_count(), 1) if spec is None else mesh_spec.parse_mesh(spec)
 
 
 def check_mesh(shape: tuple[int, int], cfg: T5Config, batch_size: int,
@@ -53,17 +47,6 @@ def check_mesh(shape: tuple[int, int], cfg: T5Config, batch_size: int,
         raise MeshError(f"mesh data={data},model={model} needs {data * model} devices, "
                         f"but {devices} are available")
     check_mesh_fits(shape, cfg, batch_size)
-
-
-def check_mesh_fits(shape: tuple[int, int], cfg: T5Config, batch_size: int) -> None:
-    """The checks of `check_mesh` that need no devices: the batch and the model's dims."""
-    data, model = shape
-    if batch_size % data:
-        raise MeshError(f"batch size {batch_size} is not divisible by mesh data={data}")
-    for name, size in [("num_heads", cfg.num_heads), ("d_ff", cfg.d_ff),
-                       ("vocab_size", cfg.vocab_size)]:
-        if size % model:
-            raise MeshError(f"model {name}={size} is not divisible by mesh model={model}")
 
 
 def devices_here(processes: int) -> int | None:
@@ -122,3 +105,9 @@ def put_global(tree, shardings):
     if isinstance(shardings, NamedSharding):
         return jax.tree.map(lambda x: put(x, shardings), tree)
     return jax.tree.map(put, tree, shardings)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from pydantic import BaseModel, ConfigDict, Field
 
-from deepfusion_core import adafactor, sharding, train_checkpoint
+from deepfusion_core import adafactor, sharding
 from deepfusion_core.config import MAX_SEED, T5Config
 from deepfusion_core.model import T5, init_params, param_shapes
 
@@ -111,7 +111,7 @@ def _build_steps(cfg, tc, optimizer, state_sh, mesh):
 
 def _build_state_shardings(cfg, optimizer, mesh):
     param_sh = sharding.param_shardings(cfg, mesh)
-    abstract_params = train_checkpoint.abstract_like(param_shapes(cfg), param_sh)
+    abstract_params = sharding.abstract_like(param_shapes(cfg), param_sh)
     # The optimizer state's layout follows its params: let XLA propagate it, then pin it.
     # Leaves that depend on no param (step counts) come back on one device: replicate them.
     devices = set(mesh.devices.flat)
@@ -120,7 +120,7 @@ def _build_state_shardings(cfg, optimizer, mesh):
         jax.jit(optimizer.init).lower(abstract_params).compile().output_shardings)
     state_sh = {"params": param_sh, "opt_state": opt_sh}
     abstract = {"params": abstract_params,
-                "opt_state": train_checkpoint.abstract_like(
+                "opt_state": sharding.abstract_like(
                     jax.eval_shape(optimizer.init, abstract_params), opt_sh)}
     return state_sh, abstract
 

@@ -174,9 +174,3 @@ def _restore_onto(abstract: Any) -> ocp.args.PyTreeRestore:
     """Restore arguments that put each array straight onto its sharding."""
     return ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
