@@ -23,11 +23,11 @@ import pydantic
 
 from deepfusion_core import data
 from deepfusion_core.config import PRESETS, T5Config
-from deepfusion_core.model import count_params
+from deepfusion_core.param_layout import count_params
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.fusion import FusionError, default_norm, fused_config
 from deepfusion_core.memory import train_memory
-from deepfusion_core.sharding import check_mesh_fits, parse_mesh
+from deepfusion_core.mesh_spec import check_mesh_fits, parse_mesh
 from deepfusion_core.train import TrainConfig
 from pipeline import store
 from pipeline.spec import (SEED_STRIDE, FuseNode, Stages, StagesError, TrainNode, load_stages,
