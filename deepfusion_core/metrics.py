@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clu import metric_writers
-
 
 def read_metrics(path: Path) -> list[dict]:
     """All records of a `metrics.jsonl` (an empty list if there is none yet)."""
@@ -32,6 +30,8 @@ class MetricsLog:
         self._logged: set[tuple] = set()  # (kind, step) of the step and eval records in the file
         if not enabled:
             return
+        from clu import metric_writers  # TensorFlow: only to write; reading needs neither
+
         kept = [r for r in read_metrics(self.path)  # nothing when the run starts over
                 if resumed_step > 0 and r["step"] <= resumed_step and r["kind"] != "summary"]
         self._logged = {(r.get("kind"), r.get("step")) for r in kept}
