@@ -202,7 +202,8 @@ def train(
     _launch_or_join(processes, batch)
 
     from deepfusion_core.checkpoint import read_config
-    from deepfusion_core.data import DataConfig, get_vocabulary, vocab_size_for_model
+    from deepfusion_core.data_config import DataConfig
+    from deepfusion_core.vocab import vocab_size_for_model
     from deepfusion_core.train import TrainConfig
     from deepfusion_core.train import train as run
 
@@ -217,7 +218,7 @@ def train(
     from deepfusion_core import PRESETS
     if model in PRESETS:
         cfg = PRESETS[model].model_copy(
-            update={"vocab_size": vocab_size_for_model(get_vocabulary(vocab))})
+            update={"vocab_size": vocab_size_for_model(vocab)})
     else:
         cfg = _resolve_config(model) if model is not None else read_config(init)
     summary = run(cfg, tc, dc, workdir, init=init, progress=progress,

@@ -33,11 +33,14 @@ from tqdm import tqdm
 
 from deepfusion_core import data, disk, sharding, train_checkpoint, workdir_lock
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
+from deepfusion_core.data_config import DataConfig
 from deepfusion_core.config import T5Config
+from deepfusion_core.eval_check import check_eval_batches
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.metrics import MetricsLog
 from deepfusion_core.steps import (BATCH_KEYS, CompiledSteps, TrainConfig, compiled_steps,
                                    learning_rate_schedule, make_optimizer)
+from deepfusion_core.vocab import check_model_vocab
 
 __all__ = ["BATCH_KEYS", "CompiledSteps", "Preempted", "TrainConfig", "TrainingDiverged",
            "check_inputs", "compiled_steps", "evaluate", "learning_rate_schedule", "make_optimizer", "train"]
@@ -65,14 +68,14 @@ def evaluate(eval_step, params, batches, put) -> dict:
             "eval_accuracy": totals["correct"] / totals["tokens"]}
 
 
-def check_inputs(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig,
+def check_inputs(cfg: T5Config, tc: TrainConfig, dc: DataConfig,
                  init: str | Path | None) -> tuple[int, int]:
     """Every check that can fail on user input, before anything is written; the mesh shape."""
     mesh_shape = sharding.parse_mesh(tc.mesh)
     sharding.check_mesh(mesh_shape, cfg, dc.batch_size)
-    data.check_model_vocab(data.get_vocabulary(dc.vocab), cfg.vocab_size)
+    check_model_vocab(dc.vocab, cfg.vocab_size)
     data.register_task(dc)  # checks that the source exists and holds documents
-    data.check_eval_batches(dc, tc.eval_batches)  # counted once, then cached
+    check_eval_batches(dc, tc.eval_batches)  # counted once, then cached
     if init is not None:
         init_cfg = read_config(init)
         if init_cfg.model_copy(update={"dtype": cfg.dtype}) != cfg:
@@ -90,7 +93,7 @@ def _all_agree_to_stop(stop: list[int]) -> bool:
     return bool(multihost_utils.process_allgather(np.int32(bool(stop))).any())
 
 
-def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Path,
+def train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: str | Path,
           init: str | Path | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> dict | None:
     """Train (or resume training) in `workdir`; returns the summary record (None in all but
@@ -120,7 +123,7 @@ def train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: str | Pa
             signal.signal(s, h)
 
 
-def _train(cfg: T5Config, tc: TrainConfig, dc: data.DataConfig, workdir: Path,
+def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path,
            mesh_shape: tuple[int, int], init: str | Path | None, progress: bool,
            log: Callable[[str], None], stop: list[int]) -> dict | None:
     mesh = sharding.make_mesh(mesh_shape)

@@ -21,7 +21,10 @@ from typing import Literal
 
 import pydantic
 
-from deepfusion_core import data
+from deepfusion_core import sources
+from deepfusion_core.data_config import DataConfig
+from deepfusion_core.eval_check import check_eval_batches
+from deepfusion_core.vocab import vocab_size_for_model
 from deepfusion_core.config import PRESETS, T5Config
 from deepfusion_core.param_layout import count_params
 from deepfusion_core.flops import train_step_flops
@@ -55,7 +58,7 @@ class PlannedNode:
     record: dict  # what the fingerprint hashes
     replica: int = 0
     train: TrainConfig | None = None
-    data: data.DataConfig | None = None
+    data: DataConfig | None = None
 
     @property
     def flops(self) -> int:
@@ -218,8 +221,8 @@ def _data_problems(profile: str, settings: dict, eval_batches: int,
     """Problems with a profile's data (one line each) and the model vocab size it needs."""
     where = f"profiles.{profile}.data"
     try:
-        dc = data.DataConfig(**settings)
-        vocab_size = data.vocab_size_for_model(data.get_vocabulary(dc.vocab))
+        dc = DataConfig(**settings)
+        vocab_size = vocab_size_for_model(dc.vocab)
     except pydantic.ValidationError as e:
         return [f"{where}{''.join('.' + str(p) for p in err['loc'])}: "
                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()], None
@@ -227,12 +230,12 @@ def _data_problems(profile: str, settings: dict, eval_batches: int,
         return [f"{where}: {e}"], None
     try:
         if check_source:
-            data.register_task(dc)  # checks that the source exists and holds documents
+            sources.check_source(dc.source)  # checks that the source exists and holds documents
     except ValueError as e:
         return [f"{where}: {e}"], vocab_size
     try:
         if check_source:
-            data.check_eval_batches(dc, eval_batches)
+            check_eval_batches(dc, eval_batches)
     except ValueError as e:
         return [f"profiles.{profile}.train.eval_batches: {e}"], vocab_size
     return [], vocab_size
@@ -296,8 +299,8 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
         sizes_used = {s.train for s in stages.nodes.values() if isinstance(s, TrainNode)}
         problems += _mesh_problems(profile, prof, sizes_used, node_devices)
     if vocab_size is None:  # keep checking the nodes, with the data's problems listed
-        data_settings = data.DataConfig().model_dump(exclude={"seed"})
-        vocab_size = data.vocab_size_for_model(data.get_vocabulary(data_settings["vocab"]))
+        data_settings = DataConfig().model_dump(exclude={"seed"})
+        vocab_size = vocab_size_for_model(data_settings["vocab"])
     sizes = {size: resolve_model(spec).model_copy(update={"vocab_size": vocab_size})
              for size, spec in prof.models.items()}
 
@@ -369,7 +372,7 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
     overrides = {k: v for k, v in spec.overrides.model_dump().items() if v is not None}
     tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, seed=spec.seed,
                      mesh=prof.mesh_for(spec.train))
-    dc = data.DataConfig(**data_settings, seed=spec.seed)
+    dc = DataConfig(**data_settings, seed=spec.seed)
     # Without a mesh every device is on data: the batch must split over them.
     mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (devices or 1, 1)
     check_mesh_fits(mesh_shape, model, dc.batch_size)

@@ -7,8 +7,10 @@ import numpy as np
 import pydantic
 import pytest
 
-from deepfusion_core import data
-from deepfusion_core.data import DataConfig, DataError
+from deepfusion_core import data, span_corruption
+from deepfusion_core.data_config import EXTRA_IDS, DataConfig, DataError, span_corruption_lengths
+from deepfusion_core.sources import check_source
+from deepfusion_core.vocab import check_model_vocab, vocab_size, vocab_size_for_model
 
 tf = data.tf  # imported quietly by deepfusion_core.data
 
@@ -55,8 +57,8 @@ def reconstruct(inputs, targets, first_sentinel):
 
 def test_span_corruption_on_c4_has_t5_statistics_and_loses_nothing(c4_512):
     vocab = data.get_vocabulary(c4_512.vocab)
-    assert vocab.vocab_size == 32100 and data.vocab_size_for_model(vocab) == 32128
-    first_sentinel = vocab.vocab_size - data.EXTRA_IDS
+    assert vocab.vocab_size == 32100
+    first_sentinel = vocab.vocab_size - EXTRA_IDS
     examples = data.span_corruption_examples(c4_512, "train", 1000)
     assert len(examples) == 1000
     original_tokens = noise_tokens = noise_spans = full = 0
@@ -92,14 +94,15 @@ def test_span_corruption_on_c4_has_t5_statistics_and_loses_nothing(c4_512):
 def test_noise_mask_is_t5s():
     seeds = [(1, 2), (3, 4)]
     for length in [1, 2, 5, 141, 568]:
-        mask = data.random_spans_noise_mask(length, 0.15, seeds, 3.0).numpy()
+        mask = span_corruption.random_spans_noise_mask(length, 0.15, seeds, 3.0).numpy()
         assert mask.shape == (length,) and not mask[0]  # the first token is never noise
         if length >= 2:
             assert mask.sum() == max(1, min(round(length * 0.15), length - 1))
             starts = mask & ~np.concatenate([[False], mask[:-1]])
             assert starts.sum() == max(1, round(mask.sum() / 3))
-        np.testing.assert_array_equal(mask, data.random_spans_noise_mask(length, 0.15, seeds, 3.0))
-    assert data.span_corruption_lengths(512) == (568, 114)
+        np.testing.assert_array_equal(
+            mask, span_corruption.random_spans_noise_mask(length, 0.15, seeds, 3.0))
+    assert span_corruption_lengths(512) == (568, 114)
 
 
 def test_c4_json_lines_decode_like_python(shared_data):
@@ -115,7 +118,7 @@ def test_c4_json_lines_decode_like_python(shared_data):
 def test_builtin_byte_batches_have_the_model_shapes():
     cfg = DataConfig(batch_size=3)
     vocab = data.get_vocabulary(cfg.vocab)
-    assert vocab.vocab_size == 359 and data.vocab_size_for_model(vocab) == 384
+    assert vocab.vocab_size == 359
     batch = next(data.train_batches(cfg))
     assert set(batch) == {"encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                           "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids",
@@ -188,22 +191,33 @@ def test_bad_c4_directories_are_named(tmp_path, case, message):
         train.write_bytes(b"")
     source = f"c4:{tmp_path / 'nowhere'}" if case == "missing" else f"c4:{c4}"
     with pytest.raises(DataError, match=message) as e:
-        data.register_task(DataConfig(source=source))
+        check_source(source)  # as a plan checks, without TensorFlow
     assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=message):
+        data.register_task(DataConfig(source=source))  # as a node checks, before reading
 
 
-def test_tfds_without_its_data_dir_says_so(tmp_path):
+@pytest.mark.parametrize("check", [check_source,  # os.path
+                                   lambda spec: data.register_task(DataConfig(source=spec))])
+def test_tfds_without_its_data_dir_says_so(tmp_path, check):
     with pytest.raises(DataError, match="TFDS data_dir .*absent does not exist"):
-        data.register_task(DataConfig(source=f"tfds:{tmp_path / 'absent'}"))
+        check(f"tfds:{tmp_path / 'absent'}")
     with pytest.raises(DataError, match=r"does not hold c4/en:3.1.0 \(no .*/c4/en/3.1.0/dataset_"):
-        data.register_task(DataConfig(source=f"tfds:{tmp_path}"))
+        check(f"tfds:{tmp_path}")
 
 
 def test_bad_vocabularies_and_configs_are_named(tmp_path):
-    with pytest.raises(DataError, match="vocab must be 'byte' or 't5:PATH', not 'gpt2'"):
-        data.get_vocabulary("gpt2")
-    with pytest.raises(DataError, match="SentencePiece model .*missing.model does not exist"):
-        data.get_vocabulary(f"t5:{tmp_path / 'missing.model'}")
+    not_a_model = tmp_path / "text.model"
+    not_a_model.write_text("hello\n")
+    for spec, message in [("gpt2", "vocab must be 'byte' or 't5:PATH', not 'gpt2'"),
+                          (f"t5:{tmp_path / 'missing.model'}",
+                           "SentencePiece model .*missing.model does not exist"),
+                          (f"t5:{not_a_model}", "text.model is not a SentencePiece model \\(")]:
+        with pytest.raises(DataError, match=message) as e:
+            vocab_size(spec)  # as a plan sizes the model, without seqio
+        assert "\n" not in str(e.value)
+        with pytest.raises(DataError, match=message):
+            data.get_vocabulary(spec)
     for kwargs, field in [({"vocab": "gpt2"}, "vocab"), ({"source": "c4:"}, "source"),
                           ({"source": "hf:c4"}, "source"),
                           ({"targets_length": 28}, "targets_length"),
@@ -213,15 +227,22 @@ def test_bad_vocabularies_and_configs_are_named(tmp_path):
     assert DataConfig(targets_length=29).targets_length == 29  # exactly what 128 inputs need
 
 
+def test_vocab_sizes_read_without_seqio_are_seqios(shared_data):
+    t5 = f"t5:{shared_data / 't5' / 'sentencepiece.model'}"
+    for spec in ("byte", t5):
+        assert vocab_size(spec) == data.get_vocabulary(spec).vocab_size
+    assert (vocab_size_for_model("byte"), vocab_size_for_model(t5)) == (384, 32128)
+
+
 def test_model_vocab_must_hold_the_vocabulary():
-    byte = data.get_vocabulary("byte")
-    data.check_model_vocab(byte, 384)
-    data.check_model_vocab(byte, 32128)
+    check_model_vocab("byte", 384)
+    check_model_vocab("byte", 32128)
     with pytest.raises(DataError, match="359 ids but the model's vocab_size is 256 \\(use 384\\)"):
-        data.check_model_vocab(byte, 256)
+        check_model_vocab("byte", 256)
 
 
 def test_register_task_is_idempotent_and_keyed_by_source_and_vocab():
     name = data.register_task(TINY)
     assert data.register_task(DataConfig(seed=3, inputs_length=64, targets_length=16)) == name
     assert name in data.seqio.TaskRegistry.names()
+

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
 from deepfusion_core import PRESETS, load_model
-from deepfusion_core.data import DataConfig
+from deepfusion_core.data_config import DataConfig
 from deepfusion_core.metrics import read_metrics
 from deepfusion_core.train import TrainConfig, TrainingDiverged, train
 

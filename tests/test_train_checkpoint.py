@@ -13,7 +13,7 @@ import pytest
 
 from deepfusion_core import PRESETS, load_model
 from deepfusion_core.checkpoint import CheckpointError, save_model
-from deepfusion_core.data import DataConfig
+from deepfusion_core.data_config import DataConfig
 from deepfusion_core.metrics import read_metrics
 from deepfusion_core.train import TrainConfig, train
 
