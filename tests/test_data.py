@@ -2,6 +2,9 @@
 
 import gzip
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pydantic
@@ -14,6 +17,7 @@ from deepfusion_core.vocab import check_model_vocab, vocab_size, vocab_size_for_
 
 tf = data.tf  # imported quietly by deepfusion_core.data
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = DataConfig(batch_size=4)  # builtin text, byte vocabulary: no setup, seconds
 
 
@@ -246,3 +250,22 @@ def test_register_task_is_idempotent_and_keyed_by_source_and_vocab():
     assert data.register_task(DataConfig(seed=3, inputs_length=64, targets_length=16)) == name
     assert name in data.seqio.TaskRegistry.names()
 
+
+def test_planning_again_starts_neither_tensorflow_nor_seqio(shared_data, tmp_path, monkeypatch):
+    """A plan sizes vocabularies, checks sources and reads the cached validation counts
+    without TensorFlow; `status` reads metrics without clu (which imports TensorFlow)."""
+    from pipeline.plan import build_plan
+
+    monkeypatch.setenv("DEEPFUSION_CACHE_DIR", str(tmp_path / "cache"))
+    plans = [(str(REPO / "stages.yaml"), None), (str(REPO / "stages.yaml"), "c4-tiny")]
+    for stages, profile in plans:  # counts the validation batches: the cache is filled
+        build_plan(stages, profile, tmp_path / "runs")
+    code = ("import sys\n"
+            "from deepfusion_core.metrics import read_metrics\n"
+            "from pipeline.plan import build_plan\n"
+            f"for stages, profile in {plans!r}:\n"
+            f"    build_plan(stages, profile, {str(tmp_path / 'runs')!r})\n"
+            "print(sorted(m for m in ('tensorflow', 'seqio', 'clu') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
