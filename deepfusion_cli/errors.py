@@ -66,8 +66,8 @@ def reported():
     except (typer.Exit, typer.Abort):
         raise
     except Exception as e:  # noqa: BLE001 - sorted below; anything else is re-raised
-        train = sys.modules.get("deepfusion_core.train")
-        if train is not None and isinstance(e, train.Preempted):
+        preemption = sys.modules.get("deepfusion_core.preemption")
+        if preemption is not None and isinstance(e, preemption.Preempted):
             # The node saved a checkpoint; a rerun resumes it. Its stderr may be a pipe to a
             # flow process that died (the reason for the stop): the exit status still counts.
             with contextlib.suppress(OSError):

@@ -122,7 +122,8 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
                torch_baseline: bool = True, remat: bool = False) -> dict:
     """Train-step throughput (Adafactor) against the GEMM peak and against PyTorch T5."""
     from deepfusion_core import sharding
-    from deepfusion_core.steps import TrainConfig, compiled_steps
+    from deepfusion_core.config import TrainConfig
+    from deepfusion_core.steps import compiled_steps
 
     cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
     mesh = sharding.make_mesh((jax.device_count(), 1))
@@ -188,7 +189,7 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, inputs_length: int =
     """The planner's per-device estimate against XLA's analysis of the compiled step."""
     from deepfusion_core.memory import compiled_memory, train_memory
     from deepfusion_core.sharding import parse_mesh
-    from deepfusion_core.steps import TrainConfig
+    from deepfusion_core.config import TrainConfig
 
     cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
     xla = compiled_memory(cfg, TrainConfig(steps=1, remat=remat, mesh=mesh), batch,

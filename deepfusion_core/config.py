@@ -1,7 +1,8 @@
-"""T5.1.1 model configuration and the paper's presets.
+"""The configs a run is made of, and the paper's model presets.
 
-`T5Config` is a frozen pydantic model: it travels in checkpoints (as JSON), in `stages.yaml`
-and through fusion, so every field is validated where it enters.
+Each is a frozen pydantic model importing neither JAX nor TensorFlow, so planning and the
+command line read them fast: `T5Config` (the model; it travels in checkpoints as JSON, in
+`stages.yaml` and through fusion) and `TrainConfig` (how one node trains).
 """
 
 from __future__ import annotations
@@ -58,6 +59,29 @@ class T5Config(BaseModel):
             f"d_model={self.d_model} heads={self.num_heads}x{self.head_dim} d_ff={self.d_ff} "
             f"layers={self.num_layers} vocab={self.vocab_size}{groups}"
         )
+
+
+class TrainConfig(BaseModel):
+    """How to train one node (the model and data are configured separately)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    steps: int = Field(gt=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # parameter init (the data seed is separate)
+    optimizer: Literal["adafactor", "adamw"] = "adafactor"
+    learning_rate: float = Field(default=0.01, gt=0)  # peak; T5 uses 0.01 with Adafactor
+    warmup_steps: int = Field(default=100, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)  # global norm; None disables
+    z_loss: float = Field(default=0.0, ge=0)  # T5X uses 1e-4
+    weight_decay: float = Field(default=0.0, ge=0)  # AdamW only
+    eval_every: int = Field(default=0, ge=0)  # 0: evaluate at the end only
+    eval_batches: int = Field(default=4, gt=0)
+    save_every: int = Field(default=100, gt=0)
+    keep_last: int = Field(default=2, gt=0)
+    keep_every: int | None = Field(default=None, gt=0)
+    mesh: str | None = None  # "data=D,model=M"; None puts every device on data
+    remat: bool = False  # recompute layers in the backward pass (memory for compute)
+
 
 
 def _preset(d_model: int, num_heads: int, head_dim: int, d_ff: int, num_layers: int,

@@ -10,41 +10,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from pydantic import BaseModel, ConfigDict, Field
 
 from deepfusion_core import adafactor, sharding
-from deepfusion_core.config import MAX_SEED, T5Config
+from deepfusion_core.config import T5Config, TrainConfig
 from deepfusion_core.model import T5, init_params, param_shapes
 
 BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
               "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids")
-
-
-class TrainConfig(BaseModel):
-    """How to train one node (the model and data are configured separately)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    steps: int = Field(gt=0)
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # parameter init (the data seed is separate)
-    optimizer: Literal["adafactor", "adamw"] = "adafactor"
-    learning_rate: float = Field(default=0.01, gt=0)  # peak; T5 uses 0.01 with Adafactor
-    warmup_steps: int = Field(default=100, ge=0)
-    grad_clip: float | None = Field(default=1.0, gt=0)  # global norm; None disables
-    z_loss: float = Field(default=0.0, ge=0)  # T5X uses 1e-4
-    weight_decay: float = Field(default=0.0, ge=0)  # AdamW only
-    eval_every: int = Field(default=0, ge=0)  # 0: evaluate at the end only
-    eval_batches: int = Field(default=4, gt=0)
-    save_every: int = Field(default=100, gt=0)
-    keep_last: int = Field(default=2, gt=0)
-    keep_every: int | None = Field(default=None, gt=0)
-    mesh: str | None = None  # "data=D,model=M"; None puts every device on data
-    remat: bool = False  # recompute layers in the backward pass (memory for compute)
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:

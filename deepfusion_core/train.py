@@ -34,24 +34,13 @@ from tqdm import tqdm
 from deepfusion_core import data, disk, sharding, train_checkpoint, workdir_lock
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
 from deepfusion_core.data_config import DataConfig
-from deepfusion_core.config import T5Config
+from deepfusion_core.config import T5Config, TrainConfig
 from deepfusion_core.eval_check import check_eval_batches
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.metrics import MetricsLog
-from deepfusion_core.steps import (BATCH_KEYS, CompiledSteps, TrainConfig, compiled_steps,
-                                   learning_rate_schedule, make_optimizer)
+from deepfusion_core.preemption import Preempted, stop_requests
+from deepfusion_core.steps import BATCH_KEYS, compiled_steps, learning_rate_schedule
 from deepfusion_core.vocab import check_model_vocab
-
-__all__ = ["BATCH_KEYS", "CompiledSteps", "Preempted", "TrainConfig", "TrainingDiverged",
-           "check_inputs", "compiled_steps", "evaluate", "learning_rate_schedule", "make_optimizer", "train"]
-
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint at `step`."""
-
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved")
-        self.step, self.signum = step, signum
-
 
 class TrainingDiverged(ValueError):
     """A step's loss or gradient norm was not finite; nothing of that step was saved."""
@@ -105,10 +94,7 @@ def train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: str | Path,
     """
     # SIGTERM/SIGINT are caught from the start: one that arrives while compiling or
     # restoring stops the run at the loop's first check, with a checkpoint, like any other.
-    stop: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_requests() as stop:
         mesh_shape = check_inputs(cfg, tc, dc, init)
         workdir = Path(workdir)
         # One writer per workdir: a second one refuses, naming the first (a pipeline node
@@ -118,9 +104,6 @@ def train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: str | Path,
                                 reenter=True)
               if jax.process_index() == 0 else nullcontext()):
             return _train(cfg, tc, dc, workdir, mesh_shape, init, progress, log, stop)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path,

@@ -28,7 +28,8 @@ import pytest
 
 from deepfusion_core import PRESETS, init_params, load_model
 from deepfusion_core.metrics import read_metrics
-from deepfusion_core.steps import TrainConfig, make_optimizer
+from deepfusion_core.config import TrainConfig
+from deepfusion_core.steps import make_optimizer
 
 DEEPFUSION = Path(sys.executable).with_name("deepfusion")
 STAGES = """

@@ -10,7 +10,7 @@ import pytest
 
 from deepfusion_core import PRESETS
 from deepfusion_core.memory import compiled_memory, train_memory
-from deepfusion_core.steps import TrainConfig
+from deepfusion_core.config import TrainConfig
 
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_the_paper_L_step_compiles_for_a_4x4_mesh_of_virtual_cpu_devices():
         "import json, jax\n"
         "from deepfusion_core import PRESETS\n"
         "from deepfusion_core.memory import compiled_memory\n"
-        "from deepfusion_core.steps import TrainConfig\n"
+        "from deepfusion_core.config import TrainConfig\n"
         "assert jax.device_count() == 16\n"
         "cfg = PRESETS['table7-L'].model_copy(update={'dtype': 'bfloat16'})\n"
         "tc = TrainConfig(steps=1, mesh='data=4,model=4', remat=True)\n"

@@ -18,7 +18,8 @@ from deepfusion_cli.main import app
 from deepfusion_core import PRESETS, load_model
 from deepfusion_core.data_config import DataConfig
 from deepfusion_core.metrics import read_metrics
-from deepfusion_core.train import TrainConfig, TrainingDiverged, train
+from deepfusion_core.config import TrainConfig
+from deepfusion_core.train import TrainingDiverged, train
 
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 
@@ -207,7 +208,7 @@ def test_sigterm_right_after_a_regular_save_stops_cleanly_and_resumes_bit_identi
     # The stop's own save used to collide with the regular save of the same step
     # (StepAlreadyExistsError), failing a cancelled node instead of stopping it.
     from deepfusion_core import train as train_module
-    from deepfusion_core.train import Preempted
+    from deepfusion_core.preemption import Preempted
 
     real_save = train_module.train_checkpoint.save
 
@@ -233,7 +234,7 @@ def test_sigterm_at_twenty_moments_always_checkpoints_and_resumes_bit_identicall
     # before one, from another thread at a random moment of a random step (in a step, an
     # evaluation or an asynchronous save in flight), and while restoring, before the loop.
     from deepfusion_core import train as train_module
-    from deepfusion_core.train import Preempted
+    from deepfusion_core.preemption import Preempted
 
     seed = int(np.random.default_rng().integers(2**31))
     rng = np.random.default_rng(seed)

@@ -15,7 +15,8 @@ from deepfusion_core import PRESETS, load_model
 from deepfusion_core.checkpoint import CheckpointError, save_model
 from deepfusion_core.data_config import DataConfig
 from deepfusion_core.metrics import read_metrics
-from deepfusion_core.train import TrainConfig, train
+from deepfusion_core.config import TrainConfig
+from deepfusion_core.train import train
 
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 CFG = PRESETS["tiny-S"]
