@@ -204,7 +204,7 @@ def train(
     from deepfusion_core.checkpoint import read_config
     from deepfusion_core.data_config import DataConfig
     from deepfusion_core.vocab import vocab_size_for_model
-    from deepfusion_core.train import TrainConfig
+    from deepfusion_core.config import TrainConfig
     from deepfusion_core.train import train as run
 
     if model is None and init is None:
@@ -227,16 +227,17 @@ def train(
         typer.echo(json.dumps(summary))
 
 
-def _launch_or_join(processes: int, batch_size: int) -> None:
-    """Start `processes` local copies of this command and exit with their code, or, inside
-    one of them (or on a cluster host), join the process group the environment describes."""
+def _launch_or_join(processes: int, batch_size: int, command: list[str] | None = None) -> None:
+    """Start `processes` local copies of `command` (default: this command) and exit with their
+    code, or, inside one of them (or on a cluster host), join the process group the
+    environment describes."""
     from deepfusion_core import distributed
 
     if processes > 1 and not (os.environ.get(distributed.ENV_COORDINATOR)
                               or os.environ.get(distributed.ENV_AUTO)):
         devices = distributed.local_cpu_device_count(dict(os.environ))
         distributed.check_processes(processes, devices, batch_size)
-        argv = [sys.executable, "-m", "deepfusion_cli.main", *sys.argv[1:]]
+        argv = [sys.executable, "-m", "deepfusion_cli.main", *(command or sys.argv[1:])]
         raise typer.Exit(distributed.launch_local(argv, processes, devices))
     distributed.initialize_from_env()
 
@@ -312,13 +313,13 @@ def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
 
 def _compile_train_steps(plan) -> None:
     from deepfusion_core.memory import compiled_memory
-    from pipeline.plan import node_memory
+    from pipeline.job import TrainJob
 
     seen = set()
     for node in plan.nodes.values():
-        if node.kind != "train" or node.spec.train in seen:
+        if not isinstance(node, TrainJob) or node.size in seen:
             continue  # one step per size: fused inits change only the norm groups
-        seen.add(node.spec.train)
+        seen.add(node.size)
         start = time.perf_counter()
         xla = compiled_memory(node.model, node.train, node.data.batch_size,
                               node.data.inputs_length, node.data.targets_length)
@@ -326,7 +327,7 @@ def _compile_train_steps(plan) -> None:
                    f"{time.perf_counter() - start:.0f}s: XLA arguments "
                    f"{xla['arguments'] / 2**30:.2f} GiB + temporaries "
                    f"{xla['temporaries'] / 2**30:.2f} GiB per device; estimate "
-                   f"{node_memory(plan, node)['total'] / 2**30:.2f} GiB")
+                   f"{node.memory()['total'] / 2**30:.2f} GiB")
 
 
 @app.command("run")
@@ -367,17 +368,40 @@ def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: Profile
     from deepfusion_core.sharding import devices_here
 
     plan = _plan(stages, profile, runs_dir, writes=True, devices=devices_here)
-    from pipeline import store
-    from pipeline.execute import run_node  # after the plan, as in status
+    from pipeline.job import write_job
+
     if node not in plan.nodes:
         fail(f"{node!r} is not a node of {stages}")
-    missing = [p for p in plan.nodes[node].parents if not store.is_done(plan.nodes[p].dir)]
+    job = plan.job(node)
+    write_job(job)  # every host of a cluster node writes the same job
+    _run_job(job)
+
+
+@app.command("run-job")
+def run_job_cmd(node_dir: Annotated[Path, typer.Argument(
+        help="A node directory holding job.json (written by run-node, run or a flow).")]):
+    """Run the node job in NODE_DIR (what each Prefect task runs in its own process): no
+    stages file is read and no plan built. Multi-process train nodes as in run-node."""
+    from pipeline.job import read_job
+
+    _run_job(read_job(node_dir))
+
+
+def _run_job(job) -> None:
+    """Run `job` here, after checking its parents are done. A train node with processes > 1
+    runs as that many local JAX processes, each running `run-job` (or joins its group, on a
+    cluster host)."""
+    from pipeline import store
+    from pipeline.job import TrainJob
+
+    missing = [name for name, parent in job.parents.items() if not store.is_done(parent)]
     if missing:
-        fail(f"{node}: its parents are not done: {', '.join(missing)} (run them first)")
-    processes = plan.stages.profiles[plan.profile].processes
-    if plan.nodes[node].kind == "train" and processes > 1:
-        _launch_or_join(processes, plan.nodes[node].data.batch_size)
-    summary = run_node(plan, node, log=lambda m: typer.echo(m, err=True))
+        fail(f"{job.name}: its parents are not done: {', '.join(missing)} (run them first)")
+    if isinstance(job, TrainJob) and job.processes > 1:
+        _launch_or_join(job.processes, job.data.batch_size, ["run-job", str(job.dir)])
+    from pipeline.execute import run_job
+
+    summary = run_job(job, log=lambda m: typer.echo(m, err=True))
     if summary is not None:
         typer.echo(json.dumps(summary))
 

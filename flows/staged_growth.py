@@ -1,8 +1,9 @@
 """The `staged-growth` Prefect flow: one task run per node of the plan.
 
-Thin by design: the plan, the node store and node execution come from `pipeline/`. Each
-node runs as `deepfusion run-node` in its own process (device memory freed, an XLA crash
-fails one task), its output forwarded line by line to the Prefect run logger. Tasks are
+Thin by design: the plan, the node store and node execution come from `pipeline/`. The plan
+is built once per flow run; each node's job is written into its directory and run as
+`deepfusion run-job NODE_DIR` in its own process (device memory freed, an XLA crash fails one
+task; no stages file read again), its output forwarded line by line to the Prefect run logger. Tasks are
 submitted in topological order with their parents' futures as `wait_for`, so the UI draws the
 DAG; a failed node leaves only its descendants NotReady. Nodes already DONE finish at once in
 a `Cached` state. Running nodes hold a slot of the global concurrency limit `accelerator`.
@@ -29,6 +30,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
@@ -37,12 +39,11 @@ from prefect.states import Cancelled, Completed
 
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
-from pipeline.execute import runnable_order
+from pipeline.job import FuseJob, TrainJob, write_job
 from pipeline.plan import build_plan
 from pipeline.report import write_report
 
 ACCELERATOR_LIMIT = "accelerator"
-_local_slots = threading.BoundedSemaphore(1)  # resized by each flow run (thread task runner)
 _PR_SET_PDEATHSIG = 1
 # The server's shortest lease: a slot held by a flow process killed outright (no release) frees
 # after about a minute (plus the repossessor's 15 s loop) instead of Prefect's default 5 minutes.
@@ -68,10 +69,16 @@ def ensure_concurrency_limit(slots: int) -> None:
                 GlobalConcurrencyLimitCreate(name=ACCELERATOR_LIMIT, limit=slots))
 
 
-class _NodeProcesses:
-    """The node processes this flow process started, and whether it is stopping."""
+class NodeProcesses:
+    """One flow run's node processes: the slots they take turns on, the processes started,
+    and whether the run is stopping. Passed to each task (the thread task runner shares it).
 
-    def __init__(self) -> None:
+    The local semaphore wakes a waiting branch the moment a node ends; the server's limit
+    alone is polled with back-off, which left the one CPU slot idle between nodes.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = threading.BoundedSemaphore(slots)
         self._lock = threading.Lock()  # a node starts, or the stop is seen, never both halfway
         self._running: set[subprocess.Popen] = set()
         self.stopping = False
@@ -100,10 +107,8 @@ class _NodeProcesses:
                     proc.send_signal(signal.SIGTERM)
 
 
-_nodes = _NodeProcesses()  # replaced by each flow run
 
-
-def _stop_with_parent(parent: int, done: threading.Event, logger) -> None:
+def _stop_with_parent(parent: int, nodes: NodeProcesses, done: threading.Event, logger) -> None:
     """Stop the flow like a cancellation when the process that started it dies.
 
     Polls the parent pid: the worker starts the flow process in a session of its own, so
@@ -119,7 +124,7 @@ def _stop_with_parent(parent: int, done: threading.Event, logger) -> None:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            _nodes.stop()
+            nodes.stop()
             logger.error(f"the process that started this flow run (pid {parent}) died: every "
                          "node stops at a checkpoint")
             os.kill(os.getpid(), signal.SIGTERM)  # the flow run ends as Prefect ends a SIGTERM
@@ -133,10 +138,9 @@ def _term_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _node_command(stages: str, profile: str, runs_dir: str, node: str) -> list[str]:
+def _node_command(node_dir: Path) -> list[str]:
     deepfusion = Path(sys.executable).with_name("deepfusion")
-    return [str(deepfusion), "run-node", node, stages, "--profile", profile,
-            "--runs-dir", runs_dir]
+    return [str(deepfusion), "run-job", str(node_dir)]
 
 
 def _watch_progress(node_dir: Path, steps: int, artifact_id, done: threading.Event) -> None:
@@ -146,35 +150,33 @@ def _watch_progress(node_dir: Path, steps: int, artifact_id, done: threading.Eve
             update_progress_artifact(artifact_id, 100.0 * train[-1]["step"] / steps)
 
 
-@task(name="node")
-def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
-    """Run one node in its own process (a no-op `Cached` state when it is DONE)."""
+@task(name="node", cache_policy=NO_CACHE)  # DONE in the node store is the cache
+def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
+    """Run one node's job in its own process (a no-op `Cached` state when it is DONE)."""
     logger = get_run_logger()
-    planned = build_plan(stages, profile, runs_dir).nodes[node]
-    if store.is_done(planned.dir):
-        return Completed(name="Cached", message=f"{node} is DONE in {planned.dir}",
-                         data=store.done_record(planned.dir))
+    if store.is_done(job.dir):
+        return Completed(name="Cached", message=f"{job.name} is DONE in {job.dir}",
+                         data=store.done_record(job.dir))
     progress_id = None
-    if planned.kind == "train":
+    if isinstance(job, TrainJob):
         progress_id = create_progress_artifact(
-            0.0, key=artifact_key(node, "progress"),
-            description=f"{node}: training {planned.model.describe()} for {planned.train.steps} steps")
+            0.0, key=artifact_key(job.name, "progress"),
+            description=f"{job.name}: training {job.model.describe()} for {job.train.steps} steps")
     waiting = time.perf_counter()
-    # The local semaphore wakes a waiting branch the moment a node ends; the server's limit
-    # alone is polled with back-off, which left the one CPU slot idle between nodes.
-    with _local_slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
+    with nodes.slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
         slot_wait_s = time.perf_counter() - waiting
         # Node processes share a persistent XLA cache: same-shaped nodes compile once.
         env = {"JAX_COMPILATION_CACHE_DIR": str(Path(runs_dir) / ".jax-cache"),
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", **os.environ}
-        proc = _nodes.start(_node_command(stages, profile, runs_dir, node), env)
+        write_job(job)
+        proc = nodes.start(_node_command(job.dir), env)
         if proc is None:
-            return Cancelled(message=f"{node} not started: the flow run is stopping")
+            return Cancelled(message=f"{job.name} not started: the flow run is stopping")
         finished = threading.Event()
         watcher = None
         if progress_id is not None:
             watcher = threading.Thread(target=_watch_progress, daemon=True,
-                                       args=(planned.dir, planned.train.steps, progress_id, finished))
+                                       args=(job.dir, job.train.steps, progress_id, finished))
             watcher.start()
         started = time.perf_counter()
         try:
@@ -187,18 +189,18 @@ def run_node_task(stages: str, profile: str, runs_dir: str, node: str):
             if proc.poll() is None:  # the task itself was interrupted: let the node checkpoint
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=300)
-            _nodes.finished(proc)
+            nodes.finished(proc)
     if returncode in _STOPPED:
-        return Cancelled(message=f"{node} stopped by {_STOPPED[returncode]}; it resumes from "
-                                 f"its last checkpoint in {planned.dir}")
+        return Cancelled(message=f"{job.name} stopped by {_STOPPED[returncode]}; it resumes from "
+                                 f"its last checkpoint in {job.dir}")
     if returncode != 0:
-        raise RuntimeError(f"node {node} exited with status {returncode}; see the log above")
-    summary = store.done_record(planned.dir)
+        raise RuntimeError(f"node {job.name} exited with status {returncode}; see the log above")
+    summary = store.done_record(job.dir)
     if progress_id is not None:
         update_progress_artifact(progress_id, 100.0)
     create_table_artifact([{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}],
-                          key=artifact_key(node, "metrics"),
-                          description=f"{node} ({planned.kind}) final metrics, {planned.dir}")
+                          key=artifact_key(job.name, "metrics"),
+                          description=f"{job.name} ({job.kind}) final metrics, {job.dir}")
     return {**summary, "process_wall_s": process_wall_s, "slot_wait_s": slot_wait_s}
 
 
@@ -215,34 +217,31 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     stages = str(Path(stages).resolve())
     runs_dir = str(Path(runs_dir).resolve())
     plan = build_plan(stages, profile, runs_dir)  # a bad file fails the run here, with every problem
-    order = runnable_order(plan, nodes)
+    order = plan.runnable_order(nodes)
     ensure_concurrency_limit(accelerator_slots)
-    global _local_slots, _nodes
-    _local_slots = threading.BoundedSemaphore(accelerator_slots)
-    _nodes = _NodeProcesses()
+    nodes = NodeProcesses(accelerator_slots)
     if force:
         for name in nodes or order:
             store.set_aside(plan.nodes[name].dir)
     done = threading.Event()
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker (or runner) for this run
         threading.Thread(target=_stop_with_parent, daemon=True,
-                         args=(os.getppid(), done, get_run_logger())).start()
+                         args=(os.getppid(), nodes, done, get_run_logger())).start()
     futures = {}
     try:
         for name in order:
-            node = plan.nodes[name]
-            size = node.spec.train if node.kind == "train" else f"{node.model.d_model}d"
+            job = plan.job(name)
+            size = job.size if isinstance(job, TrainJob) else f"{job.model.d_model}d"
             futures[name] = run_node_task.with_options(
-                name=name, task_run_name=name, tags=[node.kind, f"size:{size}"],
+                name=name, task_run_name=name, tags=[job.kind, f"size:{size}"],
                 retries=retries,
-            ).submit(stages, plan.profile, runs_dir, name,
-                     wait_for=[futures[p] for p in node.parents])
+            ).submit(job, runs_dir, nodes, wait_for=[futures[p] for p in job.parents])
         for future in futures.values():
             future.wait()
     except BaseException:
         # Cancelled (the worker's SIGTERM), the worker died, or Ctrl-C: running nodes
         # checkpoint, and tasks still waiting for a slot must not start theirs.
-        _nodes.stop()
+        nodes.stop()
         raise
     finally:
         done.set()

@@ -11,10 +11,9 @@ it does not change what the node computes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,14 +24,12 @@ from deepfusion_core import sources
 from deepfusion_core.data_config import DataConfig
 from deepfusion_core.eval_check import check_eval_batches
 from deepfusion_core.vocab import vocab_size_for_model
-from deepfusion_core.config import PRESETS, T5Config
-from deepfusion_core.param_layout import count_params
-from deepfusion_core.flops import train_step_flops
+from deepfusion_core.config import PRESETS, T5Config, TrainConfig
 from deepfusion_core.fusion import FusionError, default_norm, fused_config
 from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import check_mesh_fits, parse_mesh
-from deepfusion_core.train import TrainConfig
 from pipeline import store
+from pipeline.job import FuseJob, TrainJob
 from pipeline.spec import (SEED_STRIDE, FuseNode, Stages, StagesError, TrainNode, load_stages,
                            resolve_model)
 
@@ -44,30 +41,7 @@ _EXECUTION_FIELDS = {"save_every", "keep_last", "keep_every", "mesh", "eval_ever
 State = Literal["done", "resumable", "to run", "failed", "blocked"]
 
 
-@dataclass(frozen=True)
-class PlannedNode:
-    """One node, fully resolved for the chosen profile."""
-
-    name: str
-    kind: Literal["train", "fuse"]
-    parents: tuple[str, ...]
-    model: T5Config
-    fingerprint: str
-    dir: Path
-    spec: TrainNode | FuseNode  # as resolved for its replica (seed and references)
-    record: dict  # what the fingerprint hashes
-    replica: int = 0
-    train: TrainConfig | None = None
-    data: DataConfig | None = None
-
-    @property
-    def flops(self) -> int:
-        """Compute this node costs (0 for fusion, which is a copy)."""
-        if self.kind == "fuse":
-            return 0
-        d = self.data
-        return self.train.steps * train_step_flops(self.model, d.batch_size, d.inputs_length,
-                                                   d.targets_length)
+PlannedNode = TrainJob | FuseJob
 
 
 @dataclass
@@ -88,7 +62,7 @@ class Plan:
             return "done", None
         if any(self.state(p)[0] in ("failed", "blocked") for p in node.parents):
             return "blocked", None
-        step = store.latest_checkpoint_step(node.dir) if node.kind == "train" else None
+        step = store.latest_checkpoint_step(node.dir) if isinstance(node, TrainJob) else None
         if store.failure(node.dir):
             return "failed", step
         if step is None and (source := self.extension_source(name)):
@@ -102,20 +76,29 @@ class Plan:
         on the total steps; T5's 1/sqrt schedule does not, so the shorter run is exactly the
         start of the longer one."""
         node = self.nodes[name]
-        if node.kind != "train" or node.train.optimizer == "adamw":
+        if not isinstance(node, TrainJob) or node.train.optimizer == "adamw":
             return None
         best = None
         for record_path in (self.root / "nodes").glob("*/node.json"):
             steps = (store.read_json(record_path) or {}).get("train", {}).get("steps")
             if not isinstance(steps, int) or steps >= node.train.steps:
                 continue
-            shorter = {**node.record, "train": {**node.record["train"], "steps": steps}}
+            record = node.fingerprint_record
+            shorter = {**record, "train": {**record["train"], "steps": steps}}
             src = record_path.parent
             if (src.name.endswith(f"-{_fingerprint(shorter)}") and store.is_done(src)
                     and store.latest_checkpoint_step(src) == steps
                     and (best is None or steps > best[1])):
                 best = (src, steps)
         return best
+
+    def job(self, name: str) -> PlannedNode:
+        """The node as its process runs it: with, for a train node without checkpoints, the
+        finished shorter run it continues (found now: it may have finished since planning)."""
+        node = self.nodes[name]
+        if isinstance(node, TrainJob) and (source := self.extension_source(name)):
+            return node.model_copy(update={"extend_from": source})
+        return node
 
     @property
     def replicas(self) -> int:
@@ -125,6 +108,13 @@ class Plan:
     def replica_name(self, name: str, replica: int) -> str:
         """The plan's name of a stages-file node in one replica."""
         return name if replica == 0 else f"{name}@{replica}"
+
+    def runnable_order(self, only: Iterable[str] | None = None) -> list[str]:
+        """Nodes to consider, topologically: all, or `only` plus the ancestors they need."""
+        if only is None:
+            return list(self.nodes)
+        wanted = {a for n in only for a in self.ancestry(n)}
+        return [n for n in self.nodes if n in wanted]
 
     def ancestry(self, name: str) -> list[str]:
         """The node and all its ancestors, each once, in topological order."""
@@ -321,7 +311,7 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
             except (FusionError, ValueError) as e:
                 problems.append(f"nodes.{name}: {e}")
                 continue
-            plan.nodes[planned] = dataclasses.replace(node, replica=replica)
+            plan.nodes[planned] = node.model_copy(update={"replica": replica})
         if problems:
             break  # every replica would repeat the same problems
     if problems:
@@ -352,8 +342,11 @@ def _plan_fuse(name, spec: FuseNode, plan: Plan) -> PlannedNode:
               "norm": norm, "cross_std": spec.cross_std, "weights": spec.weights,
               "seed": spec.seed, "model": model.model_dump(mode="json")}
     fp = _fingerprint(record)
-    return PlannedNode(name, "fuse", tuple(dict.fromkeys(spec.fuse)), model, fp,
-                       store.node_path(plan.root, name, fp), spec, record)
+    return FuseJob(name=name, fingerprint=fp, dir=store.node_path(plan.root, name, fp),
+                   model=model, parents={p: plan.nodes[p].dir for p in spec.fuse},
+                   spec=spec.model_dump(mode="json"), fingerprint_record=record,
+                   inputs=[plan.nodes[p].model_path for p in spec.fuse], input_models=inputs,
+                   norm=norm, cross_std=spec.cross_std, weights=spec.weights, seed=spec.seed)
 
 
 def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
@@ -390,24 +383,16 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
               "data": {**dc.model_dump(mode="json"), "source": prof.data.source,
                        "vocab": prof.data.vocab}}
     fp = _fingerprint(record)
-    return PlannedNode(name, "train", tuple(_parents(spec)), model, fp,
-                       store.node_path(plan.root, name, fp), spec, record, train=tc, data=dc)
+    init = plan.nodes[spec.init] if spec.init else None
+    return TrainJob(name=name, fingerprint=fp, dir=store.node_path(plan.root, name, fp),
+                    model=model, parents={init.name: init.dir} if init else {},
+                    spec=spec.model_dump(mode="json"), fingerprint_record=record,
+                    size=spec.train, train=tc, data=dc,
+                    init=init.model_path if init else None, processes=prof.processes)
 
 
 def _gib(parts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
-
-
-def node_memory(plan: Plan, node: PlannedNode) -> dict[str, int]:
-    """Estimated bytes per device of a train node's step (a profile without a mesh counts one
-    device); for a fuse node, the host memory fusion holds: its inputs and its output (the
-    measured peak is 1.03x that, BENCHMARKS.md)."""
-    if node.kind == "fuse":
-        params = [count_params(plan.nodes[p].model) for p in node.parents] + [count_params(node.model)]
-        return {"host": 4 * sum(params), "total": 4 * sum(params)}
-    d, tc = node.data, node.train
-    return train_memory(node.model, d.batch_size, d.inputs_length, d.targets_length,
-                        parse_mesh(tc.mesh) if tc.mesh else (1, 1), tc.optimizer, tc.remat)
 
 
 def plan_records(plan: Plan) -> list[dict]:
@@ -419,8 +404,8 @@ def plan_records(plan: Plan) -> list[dict]:
             "name": name, "kind": node.kind, "model": node.model.describe(),
             "dims": node.model.model_dump(mode="json"), "parents": list(node.parents),
             "fingerprint": node.fingerprint, "state": state, "checkpoint_step": step,
-            "steps": node.train.steps if node.train else None, "flops": node.flops,
-            "mesh": node.train.mesh if node.train else None,
-            "memory": node_memory(plan, node),
+            "steps": node.train.steps if isinstance(node, TrainJob) else None,
+            "flops": node.flops, "mesh": node.train.mesh if isinstance(node, TrainJob) else None,
+            "memory": node.memory(),
             "dir": str(node.dir)})
     return records

@@ -29,7 +29,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, field_validator, model_validator)
 
 from deepfusion_core.config import MAX_SEED, T5Config
-from deepfusion_core.sharding import parse_mesh
+from deepfusion_core.mesh_spec import parse_mesh
 
 
 SEED_STRIDE = 1000  # replica k of a stages file offsets every seed by k * SEED_STRIDE

@@ -154,6 +154,7 @@ HOSTILE = {
     "run": ([STAGES, "--profile", "smoke", "--runs-dir", "T/file.txt"], "is not a directory"),
     "run-node": (["NOPE", STAGES, "--profile", "smoke", "--runs-dir", "T/runs"],
                  "'NOPE' is not a node"),
+    "run-job": (["T"], "job.json: no such job file"),
     "flow": ([STAGES, "--profile", "smoke", "--runs-dir", "T/no/such/runs"], "does not exist"),
     "status": (["T/missing.yaml"], "no such stages file"),
     "report": ([STAGES, "--runs-dir", "T", "--into", "T/missing.md"], "is not a file"),
@@ -269,3 +270,39 @@ def test_a_full_disk_is_named_in_one_line():
     assert line(RuntimeError("/r/tb/events.out; No space left on device\n\tFailed to flush")) == (
         "disk full writing /r/tb/events.out: [Errno 28] No space left on device")
     assert no_space(ValueError("no")) is None
+
+
+# ------------------------------------------------------------- fast start
+
+# Run a command as the console script would, then report which heavy libraries it imported.
+_IMPORTS_OF = """
+import sys
+from deepfusion_cli.main import app
+try:
+    app(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(f"imported: {sorted(m for m in ('tensorflow', 'seqio', 'clu') if m in sys.modules)}")
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory):
+    """An environment whose cache holds the shipped file's validation-batch count: the first
+    plan counts the batches with the data pipeline (TensorFlow), once; later ones read it."""
+    env = {**os.environ, "DEEPFUSION_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    subprocess.run([sys.executable, "-m", "deepfusion_cli.main", "plan", str(STAGES)], env=env,
+                   check=True, capture_output=True, timeout=300)
+    return env
+
+
+@pytest.mark.parametrize("command", ["plan", "status", "--help"])
+def test_commands_that_read_no_data_never_import_tensorflow(command, counted, tmp_path):
+    args = [command] if command == "--help" else [command, str(STAGES), "--runs-dir",
+                                                   str(tmp_path / "runs")]
+    result = subprocess.run([sys.executable, "-c", _IMPORTS_OF, *args], env=counted,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "imported: []" in result.stdout, result.stdout[-500:]
+    assert "cuInit" not in result.stderr and "oneDNN" not in result.stderr, result.stderr

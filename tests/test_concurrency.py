@@ -21,7 +21,7 @@ from deepfusion_cli.main import app
 from deepfusion_core import load_model, workdir_lock
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
-from pipeline.execute import run_node
+from pipeline.execute import run_job
 from pipeline.plan import build_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def stages(tmp_path_factory) -> Path:
 def single_writer(stages, tmp_path_factory):
     """S1 trained by one uninterrupted writer: (params, metrics records without wall time)."""
     plan = build_plan(stages, "smoke", tmp_path_factory.mktemp("runs"))
-    run_node(plan, "S1", log=lambda m: None)
+    run_job(plan.job("S1"), log=lambda m: None)
     return outcome(plan.nodes["S1"].dir)
 
 
@@ -178,12 +178,13 @@ def test_hostile_writers_take_turns_and_a_dead_holder_is_taken_over(stages, sing
 
 
 def node_process(runs: Path, procs) -> psutil.Process:
-    """The `run-node` process a flow started for a node in `runs`."""
+    """The `run-job` process a flow started for a node in `runs`."""
     found = []
 
     def started() -> bool:
         found.extend(p for p in psutil.process_iter(["cmdline"])
-                     if "run-node" in (p.info["cmdline"] or []) and str(runs) in p.info["cmdline"])
+                     if "run-job" in (cmd := p.info["cmdline"] or [])
+                     and any(arg.startswith(f"{runs}/") for arg in cmd))
         return bool(found)
     wait_until(started, procs)
     STARTED.append(found[0].pid)
@@ -198,7 +199,7 @@ def test_a_flow_beside_a_run_trains_the_node_once(stages, single_writer, tmp_pat
     env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     flow = start(tmp_path / "flow.log", "flow", *common, "--node", "S1", env=env, cwd=tmp_path)
-    flow_node = node_process(runs, [flow])  # the flow's task starts `run-node S1`: run now
+    flow_node = node_process(runs, [flow])  # the flow's task starts S1's job: run now
     run = start(tmp_path / "run.log", "run", *common, "--node", "S1", "--no-progress")
     node_dir = build_plan(stages, "smoke", runs).nodes["S1"].dir
     pid = lock_holder(node_dir, [flow, run])

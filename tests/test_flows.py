@@ -155,11 +155,12 @@ def wait_for_node(node_dir: Path, step: int, checkpoint: int = 0, timeout=300):
 
 
 def node_processes(node: str, runs: Path) -> list[psutil.Process]:
-    """This test's `run-node` processes of `node` (others may be running the same node)."""
+    """This test's `run-job` processes of `node` (others may be running the same node)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "run-node" in cmd and node in cmd and str(runs) in cmd:
+        if "run-job" in cmd and any(arg.startswith(f"{runs}/") and
+                                    Path(arg).name.startswith(f"{node}-") for arg in cmd):
             found.append(p)
     return found
 

@@ -18,7 +18,7 @@ from deepfusion_cli.main import app
 from deepfusion_core import forward, load_model
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
-from pipeline.execute import model_path, run_plan
+from pipeline.execute import run_plan
 from pipeline.plan import build_plan, plan_records
 from pipeline.report import write_report
 
@@ -80,8 +80,8 @@ def test_setting_2_self_fusion_computes_m12s_function(smoke_run, tmp_path):
     edited = build_plan(edited_stages(tmp_path, lambda raw: raw["nodes"]["L2f"].update(
         cross_std=0.0)), "smoke", runs)
     assert run_plan(edited, only=["L2f"], log=lambda m: None)["L2f"] == "ran"
-    m12 = load_model(model_path(plan.nodes["M12"]))
-    l2f = load_model(model_path(edited.nodes["L2f"]))
+    m12 = load_model(plan.nodes["M12"].model_path)
+    l2f = load_model(edited.nodes["L2f"].model_path)
     assert m12[0].norm_groups == (32, 32) and l2f[0].norm_groups == (32, 32, 32, 32)
     assert plan.nodes["L2f"].model == edited.nodes["L2f"].model == l2f[0]
     enc = np.array([[5, 6, 7, 8, 9, 0]]); dec = np.array([[0, 10, 11, 12]])
@@ -201,7 +201,7 @@ def test_replicas_add_copies_of_the_dag_with_offset_seeds_and_keep_replica_0(tmp
     assert three.nodes["L4@2"].parents == ("L4f@2",)
     assert three.nodes["L4f@2"].parents == ("M12@2", "M34@2")
     s1 = three.nodes["S1@2"]
-    assert s1.train.seed == s1.data.seed == 2011 and three.nodes["M12f@2"].spec.seed == 2000
+    assert s1.train.seed == s1.data.seed == 2011 and three.nodes["M12f@2"].seed == 2000
     assert len({n.fingerprint for n in three.nodes.values()}) == len(three.nodes)
     assert three.ancestry("L2@1") == ["S1@1", "S2@1", "M12f@1", "M12@1", "L2f@1", "L2@1"]
 

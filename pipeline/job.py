@@ -1,0 +1,184 @@
+"""Node jobs: one node of a plan, resolved, as a process runs it.
+
+The plan resolves every node of a stages file into a `TrainJob` or a `FuseJob`: its configs,
+its parents' directories, its own directory. A job is all a node's process needs: written
+into the node directory as `job.json` (`write_job`), it is run there by
+
+    deepfusion run-job NODE_DIR
+
+without reading the stages file or building a plan (what each Prefect task starts). Each class
+carries its kind's behaviour, so a new node kind is one new class here.
+
+Heavy libraries are imported inside `run`: the planner imports this module, and a fuse node's
+process must not pay for TensorFlow, which only training reads data with.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+from deepfusion_core.config import T5Config, TrainConfig
+from deepfusion_core.data_config import DataConfig
+from deepfusion_core.flops import train_step_flops
+from deepfusion_core.memory import train_memory
+from deepfusion_core.mesh_spec import parse_mesh
+from deepfusion_core.param_layout import count_params
+from pipeline import store
+
+Log = Callable[[str], None]
+JOB_FILE = "job.json"
+
+
+class _Job(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str  # as the plan names it (NODE@k in replica k)
+    fingerprint: str
+    dir: Path
+    model: T5Config  # the model the node makes
+    parents: dict[str, Path]  # parent name -> its node directory, where DONE is checked
+    replica: int = 0
+    spec: dict  # the stages file's node, as resolved for its replica
+    fingerprint_record: dict  # what the fingerprint hashes
+
+    def node_record(self) -> dict:
+        """What `node.json` says the node is."""
+        return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint,
+                "parents": list(self.parents), "model": self.model.model_dump(mode="json"),
+                "spec": self.spec}
+
+
+class TrainJob(_Job):
+    """Train `model` for `train.steps` steps, from scratch or from the fuse node's `init`."""
+
+    kind: Literal["train"] = "train"
+    size: str  # the stages file's size name (S, M, L)
+    train: TrainConfig
+    data: DataConfig
+    init: Path | None = None  # a fuse node's model to start from
+    processes: int = Field(default=1, gt=0)  # JAX processes of the node
+    # A finished shorter run of this node (same config and parents, fewer steps), whose last
+    # checkpoint a node without checkpoints continues from: (its directory, its last step).
+    extend_from: tuple[Path, int] | None = None
+
+    @property
+    def model_path(self) -> Path:
+        """Where the node's model is: its latest checkpoint step."""
+        return self.dir
+
+    @property
+    def flops(self) -> int:
+        d = self.data
+        return self.train.steps * train_step_flops(self.model, d.batch_size, d.inputs_length,
+                                                   d.targets_length)
+
+    def describe_work(self) -> str:
+        return f"train {self.train.steps} steps"
+
+    def memory(self) -> dict[str, int]:
+        """Estimated bytes per device of a step (without a mesh: one device), by part."""
+        d, tc = self.data, self.train
+        return train_memory(self.model, d.batch_size, d.inputs_length, d.targets_length,
+                            parse_mesh(tc.mesh) if tc.mesh else (1, 1), tc.optimizer, tc.remat)
+
+    def node_record(self) -> dict:
+        return {**super().node_record(), "train": self.train.model_dump(mode="json"),
+                "data": self.data.model_dump(mode="json")}
+
+    def run(self, log: Log, progress: bool, primary: bool) -> dict | None:
+        """Train (resuming its checkpoints); the summary (None in all but the first process)."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        from deepfusion_core.train import train
+
+        if self.extend_from is not None and store.latest_checkpoint_step(self.dir) is None:
+            if primary:
+                store.copy_train_prefix(*self.extend_from, self.dir)
+                log(f"{self.name}: extending {self.extend_from[0].name} from its step "
+                    f"{self.extend_from[1]}")
+        if jax.process_count() > 1:  # the others must see the copy before they restore
+            multihost_utils.sync_global_devices(f"extend {self.dir.name}")
+        return train(self.model, self.train, self.data, self.dir, init=self.init,
+                     progress=progress, log=log)
+
+
+class FuseJob(_Job):
+    """Fuse the models in `inputs` (the same one twice: self fusion) into `model`."""
+
+    kind: Literal["fuse"] = "fuse"
+    inputs: list[Path]  # the input models, in fusion order
+    input_models: list[T5Config]
+    norm: Literal["prop", "rule"]  # as planned: the children's configs follow it
+    cross_std: float
+    weights: list[float] | None = None
+    seed: int
+
+    @property
+    def model_path(self) -> Path:
+        """Where the node's model is: its `model/` checkpoint."""
+        return self.dir / "model"
+
+    @property
+    def flops(self) -> int:
+        return 0  # a copy, not compute
+
+    def describe_work(self) -> str:
+        return "fuse"
+
+    def memory(self) -> dict[str, int]:
+        """The host memory fusion holds: its inputs and its output (the measured peak is
+        1.03x that, BENCHMARKS.md)."""
+        models = [*dict(zip(self.inputs, self.input_models)).values(), self.model]
+        total = 4 * sum(count_params(m) for m in models)
+        return {"host": total, "total": total}
+
+    def run(self, log: Log, progress: bool, primary: bool) -> dict:
+        """Fuse and save (reusing a model saved before a crash); the summary."""
+        from deepfusion_core import fuse, load_model, save_model
+
+        out = self.model_path
+        if out.exists():  # a crash after saving but before DONE: the save itself is atomic
+            log(f"{self.name}: reusing fused model at {out}")
+        else:
+            loaded = {path: load_model(path) for path in dict.fromkeys(self.inputs)}
+            start = time.perf_counter()
+            cfg, params = fuse([loaded[p] for p in self.inputs], norm=self.norm,
+                               cross_std=self.cross_std, seed=self.seed, weights=self.weights)
+            if cfg != self.model:
+                raise RuntimeError(f"{self.name}: fused {cfg.describe()}, but the plan "
+                                   f"expects {self.model.describe()}")
+            save_model(out, cfg, params)
+            log(f"{self.name}: fused {' + '.join(self.spec['fuse'])} -> {cfg.describe()} "
+                f"in {time.perf_counter() - start:.1f}s")
+        return {"kind": "summary", "flops": 0, "tokens": 0, "wall_s": 0.0, "device_s": 0.0}
+
+
+Job = Annotated[TrainJob | FuseJob, Field(discriminator="kind")]
+
+
+class _JobFile(BaseModel):
+    job: Job
+
+
+def write_job(job: TrainJob | FuseJob) -> Path:
+    """Write `job` into its node directory (atomically); the path of the file."""
+    job.dir.mkdir(parents=True, exist_ok=True)
+    path = job.dir / JOB_FILE
+    store.write_text_atomic(path, _JobFile(job=job).model_dump_json(indent=1) + "\n")
+    return path
+
+
+def read_job(node_dir: str | Path) -> TrainJob | FuseJob:
+    """The job written into `node_dir`; ValueError naming the file if there is none."""
+    path = Path(node_dir) / JOB_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: no such job file (a node directory holds one once its plan "
+                         f"has run it)")
+    return _JobFile.model_validate_json(path.read_text()).job
