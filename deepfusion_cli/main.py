@@ -429,8 +429,6 @@ def status_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                runs_dir: RunsOpt = Path("runs")):
     """Live progress: each node's state and latest step, read from the node store."""
     plan = _plan(stages, profile, runs_dir)
-    # After planning: the plan imports TensorFlow quietly (deepfusion_core.data), the metrics'
-    # TensorBoard writer would not.
     from deepfusion_core.metrics import read_metrics
     from pipeline.plan import plan_records
 

@@ -212,8 +212,8 @@ def test_every_command_reports_bad_input_in_one_line_exit_2_writing_nothing(comm
 
 
 def test_bad_input_is_one_line_in_a_real_process(tmp_path):
-    # What a terminal shows, C++ logging included (TensorFlow's start-up lines are not Python's
-    # stderr): the commands that import TensorFlow, started at once.
+    # What a terminal shows, C++ logging included (TensorFlow's and XLA's start-up lines are
+    # not Python's stderr): commands that plan and read the store, started at once.
     exe = os.path.join(os.path.dirname(sys.executable), "deepfusion")
     cases = [["status", tmp_path / "missing.yaml"],
              ["report", STAGES, "--runs-dir", tmp_path, "--into", tmp_path / "missing.md"],

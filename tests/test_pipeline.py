@@ -140,7 +140,7 @@ def test_plan_json_has_one_record_per_node(tmp_path):
 
 
 def _longer_smoke(raw):
-    raw["profiles"]["smoke"]["train"].update(steps=40, save_every=4)
+    raw["profiles"]["smoke"]["train"].update(steps=28, save_every=4)
 
 
 @pytest.mark.slow
@@ -198,8 +198,8 @@ def test_replicas_add_copies_of_the_dag_with_offset_seeds_and_keep_replica_0(tmp
     assert len(three.nodes) == 3 * len(one.nodes)
     # Raising replicas only adds nodes: replica 0 is the file as written.
     assert all(three.nodes[n].fingerprint == node.fingerprint for n, node in one.nodes.items())
-    assert three.nodes["L4@2"].parents == ("L4f@2",)
-    assert three.nodes["L4f@2"].parents == ("M12@2", "M34@2")
+    assert tuple(three.nodes["L4@2"].parents) == ("L4f@2",)
+    assert tuple(three.nodes["L4f@2"].parents) == ("M12@2", "M34@2")
     s1 = three.nodes["S1@2"]
     assert s1.train.seed == s1.data.seed == 2011 and three.nodes["M12f@2"].seed == 2000
     assert len({n.fingerprint for n in three.nodes.values()}) == len(three.nodes)
