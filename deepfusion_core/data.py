@@ -25,7 +25,6 @@ import numpy as np
 from deepfusion_core import sources, vocab
 from deepfusion_core.data_config import (EVAL_SEED, EXTRA_IDS, TFDS_C4, DataConfig, DataError,
                                          source_parts)
-from deepfusion_core.eval_check import check_enough
 
 
 @contextlib.contextmanager
@@ -222,20 +221,11 @@ def _validation(cfg: DataConfig) -> tf.data.Dataset:
     return _batches(cfg, "validation", shuffle=False, seed=EVAL_SEED, num_epochs=1)
 
 
-def eval_batches(cfg: DataConfig, num_batches: int) -> list[dict[str, np.ndarray]]:
-    """The first `num_batches` batches of the validation split, the same on every call.
-
-    Unshuffled, with span masks from a fixed seed (not `cfg.seed`), so runs that differ in
-    their training seed are evaluated on the same examples.
-    """
-    batches = list(_validation(cfg).take(num_batches).as_numpy_iterator())
-    check_enough(cfg, len(batches), num_batches)
-    return batches
-
-
-def count_validation_batches(cfg: DataConfig, limit: int) -> int:
-    """How many validation batches there are, up to `limit`: counted, not kept."""
-    return int(_validation(cfg).take(limit).reduce(np.int64(0), lambda n, _: n + 1))
+def first_validation_batches(cfg: DataConfig, num_batches: int) -> list[dict[str, np.ndarray]]:
+    """The first `num_batches` batches of the validation split (fewer if it is smaller), made
+    with seqio: unshuffled, span masks from a fixed seed (not `cfg.seed`). Evaluations read
+    them through `eval_check.eval_batches`, which keeps them on disk."""
+    return list(_validation(cfg).take(num_batches).as_numpy_iterator())
 
 
 def span_corruption_examples(cfg: DataConfig, split: str = "validation",

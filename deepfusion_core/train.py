@@ -35,7 +35,7 @@ from deepfusion_core import data, disk, sharding, train_checkpoint, workdir_lock
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
 from deepfusion_core.data_config import DataConfig
 from deepfusion_core.config import T5Config, TrainConfig
-from deepfusion_core.eval_check import check_eval_batches
+from deepfusion_core.eval_check import check_eval_batches, eval_batches
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.metrics import MetricsLog
 from deepfusion_core.preemption import Preempted, stop_requests
@@ -140,7 +140,7 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path,
 
     def run_eval():
         nonlocal last_eval
-        eval_set[:] = eval_set or data.eval_batches(dc, tc.eval_batches)
+        eval_set[:] = eval_set or eval_batches(dc, tc.eval_batches)
         last_eval = {"kind": "eval", "step": ts["step"],
                      **evaluate(eval_step, state["params"], eval_set, put)}
         metrics.write(last_eval)
