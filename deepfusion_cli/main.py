@@ -8,10 +8,12 @@ the path it was asked to write.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -167,64 +169,89 @@ def _parse_seq_len(text: str) -> tuple[int, int]:
     return inputs, targets
 
 
+# The train command's options are made from the config classes: every field of the training
+# and data configs is an option named after it (a field added there is an option here). A few
+# keep a short name of their own too.
+_SHORT_NAMES = {"learning_rate": "--lr", "warmup_steps": "--warmup", "batch_size": "--batch",
+                "source": "--data"}
+_SEED_HELP = "Seed of the parameter init, data order and span corruption."
+
+
+def _config_options() -> list[inspect.Parameter]:
+    """One keyword parameter with its typer option per field of TrainConfig and DataConfig
+    (the data's seed is the training seed: one --seed)."""
+    from deepfusion_core.config import TrainConfig
+    from deepfusion_core.data_config import DataConfig
+
+    fields = {**TrainConfig.model_fields,
+              **{k: f for k, f in DataConfig.model_fields.items() if k != "seed"}}
+    params = []
+    for name, field in fields.items():
+        kind = field.annotation
+        if typing.get_origin(kind) is typing.Literal:  # typer takes no Literal: pydantic checks
+            kind = str
+        names = [f"--{name.replace('_', '-')}", *filter(None, [_SHORT_NAMES.get(name)])]
+        if kind is bool:
+            names = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
+        option = typer.Option(*names, help=_SEED_HELP if name == "seed" else field.description)
+        default = inspect.Parameter.empty if field.is_required() else field.default
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[kind, option]))
+    return params
+
+
+def _with_config_options(command):
+    """`command` taking, beside its own parameters, one option per config field (**options)."""
+    hints = typing.get_type_hints(command, include_extras=True)  # its own, resolved
+    own = [p.replace(annotation=hints[p.name])
+           for p in inspect.signature(command).parameters.values()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*own, *_config_options()])
+    return command
+
+
 @app.command()
+@_with_config_options
 def train(
     workdir: Annotated[Path, typer.Option(help="Checkpoints, metrics.jsonl and TensorBoard "
                                                "events go here; resumes if it holds checkpoints.")],
-    steps: Annotated[int, typer.Option(help="Train until this step.")],
     model: Annotated[Optional[str], typer.Option(
         help="Preset or checkpoint whose config to train (a preset takes --vocab's size). "
              "Default: the --init checkpoint's config.")] = None,
     init: Annotated[Optional[Path], typer.Option(
         help="Start from this model checkpoint's params (e.g. a fusion output); fresh "
              "optimizer and schedule.")] = None,
-    data: Annotated[str, typer.Option(help="builtin | c4:PATH | tfds:DATA_DIR")] = "builtin",
-    vocab: Annotated[str, typer.Option(help="byte | t5:PATH (SentencePiece model)")] = "byte",
-    batch: Annotated[int, typer.Option(help="Global batch size (packed sequences).")] = 8,
-    seq_len: Annotated[str, typer.Option(help="Encoder and decoder lengths IN,OUT.")] = "128,32",
-    mesh: Annotated[Optional[str], typer.Option(help="data=D,model=M (default: all devices "
-                                                     "on data)")] = None,
-    optimizer: Annotated[str, typer.Option(help="adafactor (T5's rsqrt) | adamw (cosine)")] = "adafactor",
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.01,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every K steps (0: at the end).")] = 0,
-    eval_batches: Annotated[int, typer.Option(help="Validation batches per evaluation.")] = 4,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every K steps.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the parameter init, data order and "
-                                           "span corruption.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     processes: Annotated[int, typer.Option(min=1,
         help="Run as N cooperating JAX processes on this machine, splitting its CPU devices "
              "(XLA_FLAGS) between them.")] = 1,
+    **options,
 ):
     """Train a model (or resume its workdir) on span-corrupted text."""
     _writable(workdir, "--workdir")
-    _launch_or_join(processes, batch)
+    _launch_or_join(processes, options["batch_size"])
 
     from deepfusion_core.checkpoint import read_config
-    from deepfusion_core.data_config import DataConfig
-    from deepfusion_core.vocab import vocab_size_for_model
     from deepfusion_core.config import TrainConfig
+    from deepfusion_core.data_config import DataConfig
     from deepfusion_core.train import train as run
+    from deepfusion_core.vocab import vocab_size_for_model
 
     if model is None and init is None:
         fail("give --model (a preset or checkpoint) or --init (a checkpoint)")
-    inputs_length, targets_length = _parse_seq_len(seq_len)
-    dc = DataConfig(source=data, vocab=vocab, inputs_length=inputs_length,
-                    targets_length=targets_length, batch_size=batch, seed=seed)
-    tc = TrainConfig(steps=steps, seed=seed, optimizer=optimizer, learning_rate=lr,
-                     warmup_steps=warmup, eval_every=eval_every, eval_batches=eval_batches,
-                     save_every=save_every, mesh=mesh)
+    tc = TrainConfig(**{k: options[k] for k in TrainConfig.model_fields})
+    dc = DataConfig(**{k: options[k] for k in DataConfig.model_fields if k != "seed"},
+                    seed=options["seed"])
     from deepfusion_core import PRESETS
     if model in PRESETS:
-        cfg = PRESETS[model].model_copy(
-            update={"vocab_size": vocab_size_for_model(vocab)})
+        cfg = PRESETS[model].model_copy(update={"vocab_size": vocab_size_for_model(dc.vocab)})
     else:
         cfg = _resolve_config(model) if model is not None else read_config(init)
     summary = run(cfg, tc, dc, workdir, init=init, progress=progress,
                   log=lambda m: typer.echo(m, err=True))
     if summary is not None:  # the other processes of a multi-process run print nothing
         typer.echo(json.dumps(summary))
+
 
 
 def _launch_or_join(processes: int, batch_size: int, command: list[str] | None = None) -> None:

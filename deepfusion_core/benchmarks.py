@@ -122,12 +122,12 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
                torch_baseline: bool = True, remat: bool = False) -> dict:
     """Train-step throughput (Adafactor) against the GEMM peak and against PyTorch T5."""
     from deepfusion_core import sharding
-    from deepfusion_core.config import TrainConfig
+    from deepfusion_core.config import OptimizerConfig
     from deepfusion_core.steps import compiled_steps
 
     cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
     mesh = sharding.make_mesh((jax.device_count(), 1))
-    steps_fns = compiled_steps(cfg, TrainConfig(steps=steps, remat=remat), mesh)
+    steps_fns = compiled_steps(cfg, OptimizerConfig(steps=steps), remat, mesh)
     train_step = steps_fns.train_step
     state = steps_fns.init_state(steps_fns.init_random(0))
     batch_np = _synthetic_batch(cfg, batch, inputs_length, targets_length)

@@ -2,7 +2,8 @@
 
 Each is a frozen pydantic model importing neither JAX nor TensorFlow, so planning and the
 command line read them fast: `T5Config` (the model; it travels in checkpoints as JSON, in
-`stages.yaml` and through fusion) and `TrainConfig` (how one node trains).
+`stages.yaml` and through fusion), `OptimizerConfig` (what training computes),
+`ExecutionConfig` (how it runs) and `TrainConfig` (both, with the mesh and seed).
 """
 
 from __future__ import annotations
@@ -61,27 +62,53 @@ class T5Config(BaseModel):
         )
 
 
-class TrainConfig(BaseModel):
-    """How to train one node (the model and data are configured separately)."""
-
+class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    steps: int = Field(gt=0)
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # parameter init (the data seed is separate)
-    optimizer: Literal["adafactor", "adamw"] = "adafactor"
-    learning_rate: float = Field(default=0.01, gt=0)  # peak; T5 uses 0.01 with Adafactor
-    warmup_steps: int = Field(default=100, ge=0)
-    grad_clip: float | None = Field(default=1.0, gt=0)  # global norm; None disables
-    z_loss: float = Field(default=0.0, ge=0)  # T5X uses 1e-4
-    weight_decay: float = Field(default=0.0, ge=0)  # AdamW only
-    eval_every: int = Field(default=0, ge=0)  # 0: evaluate at the end only
-    eval_batches: int = Field(default=4, gt=0)
-    save_every: int = Field(default=100, gt=0)
-    keep_last: int = Field(default=2, gt=0)
-    keep_every: int | None = Field(default=None, gt=0)
-    mesh: str | None = None  # "data=D,model=M"; None puts every device on data
-    remat: bool = False  # recompute layers in the backward pass (memory for compute)
 
+class OptimizerConfig(_Config):
+    """The optimizer and its schedule: with the model and the data, what a train node
+    computes. Every field is part of the node's fingerprint and of the compile cache key."""
+
+    steps: int = Field(gt=0, description="Train until this step.")
+    optimizer: Literal["adafactor", "adamw"] = Field(
+        default="adafactor", description="adafactor (T5's, 1/sqrt schedule) or adamw (cosine).")
+    learning_rate: float = Field(default=0.01, gt=0, description="Peak learning rate (T5: "
+                                                                 "0.01 with Adafactor).")
+    warmup_steps: int = Field(default=100, ge=0, description="Linear warmup steps.")
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Global gradient norm "
+                                                                   "clip (none: off).")
+    z_loss: float = Field(default=0.0, ge=0, description="Weight of log(Z)^2 (T5X: 1e-4).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW's weight decay.")
+
+
+class ExecutionConfig(_Config):
+    """How a train node runs, never what it computes: in no fingerprint, and (but `remat`,
+    which changes the compiled program) in no compile cache key."""
+
+    remat: bool = Field(default=False, description="Recompute layers in the backward pass "
+                                                   "(memory for compute).")
+    eval_every: int = Field(default=0, ge=0, description="Evaluate every K steps (0: at the "
+                                                         "end only).")
+    eval_batches: int = Field(default=4, gt=0, description="Validation batches per evaluation.")
+    save_every: int = Field(default=100, gt=0, description="Checkpoint every K steps.")
+    keep_last: int = Field(default=2, gt=0, description="Checkpoints kept (the newest).")
+    keep_every: int | None = Field(default=None, gt=0, description="Also keep every K-th "
+                                                                   "step's checkpoint.")
+
+
+class TrainConfig(OptimizerConfig, ExecutionConfig):
+    """Everything `train()` takes besides the model and the data: the optimizer (what it
+    computes), the execution (how), the mesh it runs on and the seed of its initial params."""
+
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the parameter init.")
+    mesh: str | None = Field(default=None, description="data=D,model=M (default: every device "
+                                                       "on data).")
+
+    @property
+    def optimizer_config(self) -> OptimizerConfig:
+        """The part that says what is computed (the fingerprint's and compile cache's)."""
+        return OptimizerConfig(**self.model_dump(include=set(OptimizerConfig.model_fields)))
 
 
 def _preset(d_model: int, num_heads: int, head_dim: int, d_ff: int, num_layers: int,

@@ -65,13 +65,15 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = "builtin"  # "builtin" | "c4:PATH" | "tfds:DATA_DIR"
-    vocab: str = "byte"  # "byte" | "t5:PATH"
-    inputs_length: int = Field(default=128, ge=8)
-    targets_length: int = Field(default=32, ge=2)  # 128 needs 29; T5's 512 needs 114
-    batch_size: int = Field(default=8, gt=0)
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)
-    pack: bool = True
+    source: str = Field(default="builtin", description="builtin | c4:PATH | tfds:DATA_DIR")
+    vocab: str = Field(default="byte", description="byte | t5:PATH (SentencePiece model)")
+    inputs_length: int = Field(default=128, ge=8, description="Encoder length (tokens).")
+    # 128 needs 29; T5's 512 needs 114
+    targets_length: int = Field(default=32, ge=2, description="Decoder length (tokens).")
+    batch_size: int = Field(default=8, gt=0, description="Global batch size (sequences).")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the data order and "
+                                                                "span corruption.")
+    pack: bool = Field(default=True, description="Pack several examples per sequence.")
 
     @field_validator("source")
     @classmethod

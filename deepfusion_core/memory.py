@@ -102,7 +102,7 @@ def compiled_memory(cfg: T5Config, tc, batch: int, inputs_length: int,
     mesh_shape = sharding.parse_mesh(tc.mesh)
     sharding.check_mesh(mesh_shape, cfg, batch)
     mesh = sharding.make_mesh(mesh_shape)
-    steps = compiled_steps(cfg, tc.model_copy(update={"seed": 0}), mesh)
+    steps = compiled_steps(cfg, tc.optimizer_config, tc.remat, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     lengths = {"encoder": inputs_length, "decoder": targets_length}
     abstract_batch = {

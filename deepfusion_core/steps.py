@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import optax
 
 from deepfusion_core import adafactor, sharding
-from deepfusion_core.config import T5Config, TrainConfig
+from deepfusion_core.config import OptimizerConfig, T5Config
 from deepfusion_core.model import T5, init_params, param_shapes
 
 BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
               "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids")
 
 
-def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(tc: OptimizerConfig) -> optax.Schedule:
     """Linear warmup to the peak, then T5's 1/sqrt(step) (Adafactor) or cosine (AdamW)."""
     warmup = max(tc.warmup_steps, 1)
     if tc.optimizer == "adamw":
@@ -38,7 +38,7 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
     return rsqrt
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(tc: OptimizerConfig) -> optax.GradientTransformation:
     """Adafactor with T5's settings (factored, parameter-scaled, update clipping) or AdamW."""
     schedule = learning_rate_schedule(tc)
     if tc.optimizer == "adamw":
@@ -59,7 +59,7 @@ def _token_stats(cfg: T5Config, params, batch, z_loss: float, remat: bool = Fals
     return nll, z_loss * jnp.square(log_z), jnp.argmax(logits, -1) == targets
 
 
-def _build_steps(cfg, tc, optimizer, state_sh, mesh):
+def _build_steps(cfg, tc: OptimizerConfig, remat: bool, optimizer, state_sh, mesh):
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def train_step(state, batch):
@@ -67,7 +67,7 @@ def _build_steps(cfg, tc, optimizer, state_sh, mesh):
         denom = jnp.maximum(weights.sum(), 1.0)  # mean over real (non-padding) target tokens
 
         def loss_fn(params):
-            nll, z, _ = _token_stats(cfg, params, batch, tc.z_loss, tc.remat)
+            nll, z, _ = _token_stats(cfg, params, batch, tc.z_loss, remat)
             return ((nll + z) * weights).sum() / denom, (nll * weights).sum() / denom
 
         (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -114,13 +114,14 @@ class CompiledSteps(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_steps(cfg: T5Config, tc: TrainConfig, mesh) -> CompiledSteps:
-    """Shared by every node with the same (model, training, mesh), so nodes that run in one
-    process compile once. The seed only changes the initial params: pass `tc` with seed 0."""
+def compiled_steps(cfg: T5Config, tc: OptimizerConfig, remat: bool, mesh) -> CompiledSteps:
+    """Shared by every node with the same (model, optimizer, remat, mesh), so nodes that run
+    in one process compile once: the seed only changes the initial params, and the execution
+    settings (checkpoint and evaluation cadence) nothing compiled."""
     optimizer = make_optimizer(tc)
     state_sh, abstract = _build_state_shardings(cfg, optimizer, mesh)
     init_state = jax.jit(lambda params: {"params": params, "opt_state": optimizer.init(params)},
                          out_shardings=state_sh)
     init_random = jax.jit(lambda seed: init_params(cfg, seed), out_shardings=state_sh["params"])
     return CompiledSteps(init_random, init_state, state_sh, abstract,
-                         *_build_steps(cfg, tc, optimizer, state_sh, mesh))
+                         *_build_steps(cfg, tc, remat, optimizer, state_sh, mesh))

@@ -111,7 +111,7 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path,
            log: Callable[[str], None], stop: list[int]) -> dict | None:
     mesh = sharding.make_mesh(mesh_shape)
     init_random, init_state, state_sh, abstract, train_step, eval_step = compiled_steps(
-        cfg, tc.model_copy(update={"seed": 0}), mesh)
+        cfg, tc.optimizer_config, tc.remat, mesh)
     batch_sh = sharding.batch_sharding(mesh)
 
     def put(batch):

@@ -5,8 +5,8 @@ problems are reported together (one line each, naming the node and field).
 
 A node's fingerprint hashes its resolved config (model, training, data, fusion settings) and
 its parents' fingerprints, so editing a node changes exactly its and its descendants'
-fingerprints. How a node is executed (mesh, processes, checkpoint cadence) is left out:
-it does not change what the node computes.
+fingerprints. Of the training settings it hashes exactly `OptimizerConfig` and the seed: how
+a node is executed (`ExecutionConfig`, the mesh, processes) does not change what it computes.
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ from pipeline.spec import (SEED_STRIDE, FuseNode, Stages, StagesError, TrainNode
                            resolve_model)
 
 _DIM_FIELDS = ("d_model", "num_heads", "head_dim", "d_ff", "num_layers", "vocab_size")
-# TrainConfig fields that change how, not what, a node computes.
-_EXECUTION_FIELDS = {"save_every", "keep_last", "keep_every", "mesh", "eval_every", "eval_batches",
-                     "remat"}
 
 State = Literal["done", "resumable", "to run", "failed", "blocked"]
 
@@ -378,7 +375,8 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
                              f"{prof.device_memory_gb:g}; set train.remat: true or use more "
                              f"devices on model")
     record = {"kind": "train", "model": model.model_dump(mode="json"), "init": parent_fps,
-              "train": tc.model_dump(mode="json", exclude=_EXECUTION_FIELDS),
+              # What is computed, by construction: the optimizer's fields and the seed.
+              "train": {**tc.optimizer_config.model_dump(mode="json"), "seed": tc.seed},
               # The data as written in the file: a checkout's location is not part of it.
               "data": {**dc.model_dump(mode="json"), "source": prof.data.source,
                        "vocab": prof.data.vocab}}

@@ -28,7 +28,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
 
-from deepfusion_core.config import MAX_SEED, T5Config
+from deepfusion_core.config import MAX_SEED, ExecutionConfig, OptimizerConfig, T5Config
 from deepfusion_core.mesh_spec import parse_mesh
 
 
@@ -87,22 +87,11 @@ class DataSettings(_Strict):
     pack: bool = True
 
 
-class TrainSettings(_Strict):
-    """Training settings of a profile (see `deepfusion_core.train.TrainConfig`)."""
+class TrainSettings(OptimizerConfig, ExecutionConfig):
+    """Training settings of a profile: the core's optimizer and execution configs, composed
+    (a field added to either is a stages field too)."""
 
-    steps: int = Field(gt=0)
-    optimizer: Literal["adafactor", "adamw"] = "adafactor"
-    learning_rate: float = Field(default=0.01, gt=0)
-    warmup_steps: int = Field(default=100, ge=0)
-    grad_clip: float | None = Field(default=1.0, gt=0)
-    z_loss: float = Field(default=0.0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    eval_every: int = Field(default=0, ge=0)
-    eval_batches: int = Field(default=4, gt=0)
-    save_every: int = Field(default=100, gt=0)
-    keep_last: int = Field(default=2, gt=0)
-    keep_every: int | None = Field(default=None, gt=0)
-    remat: bool = False  # recompute layers in the backward pass (for models near memory's limit)
+    model_config = _Strict.model_config
 
 
 class TrainOverrides(_Strict):

@@ -24,7 +24,7 @@ from deepfusion_core.metrics import read_metrics
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 ARGS = ["--model", "tiny-S", "--data", "builtin", "--vocab", "byte", "--batch", "8",
-        "--seq-len", "32,8", "--mesh", "data=4,model=2", "--warmup", "2", "--no-progress"]
+        "--inputs-length", "32", "--targets-length", "8", "--mesh", "data=4,model=2", "--warmup", "2", "--no-progress"]
 
 
 def deepfusion(*args, env=EIGHT_DEVICES, timeout=300):

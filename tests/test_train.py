@@ -26,7 +26,7 @@ DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 
 def c4_args(shared_data, *extra):
     return ["--data", f"c4:{shared_data / 'c4' / 'en'}", "--vocab", "byte",
-            "--model", "tiny-S", "--batch", "4", "--seq-len", "64,16", "--warmup", "10",
+            "--model", "tiny-S", "--batch", "4", "--inputs-length", "64", "--targets-length", "16", "--warmup", "10",
             "--no-progress", *map(str, extra)]
 
 

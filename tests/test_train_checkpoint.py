@@ -132,7 +132,7 @@ def test_a_read_only_checkpoints_directory_gives_one_line_and_a_prompt_exit(fini
     shutil.copytree(finished, workdir)
     ckpts = workdir / "checkpoints"
     train_cmd = [DEEPFUSION, "train", "--workdir", workdir, "--steps", "8", "--data", "builtin",
-                 "--vocab", "byte", "--model", "tiny-S", "--batch", "2", "--seq-len", "32,8",
+                 "--vocab", "byte", "--model", "tiny-S", "--batch", "2", "--inputs-length", "32", "--targets-length", "8",
                  "--warmup", "1", "--save-every", "2", "--no-progress"]
     script = f'mount --bind -o ro "{ckpts}" "{ckpts}" && exec "$@"'
     proc = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh",
