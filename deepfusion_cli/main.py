@@ -522,7 +522,7 @@ def _emit(record: dict, line: str) -> None:
 @bench_app.command("fuse")
 def bench_fuse(preset: str = "table7-M", cross_std: float = 0.0):
     """Fuse two random PRESET models; compare wall time and peak RSS with the copy bound."""
-    from deepfusion_core.benchmarks import bench_fuse as run
+    from deepfusion_bench.fuse import bench_fuse as run
     from deepfusion_core.fusion import check_fuse_options
 
     _preset(preset)
@@ -539,7 +539,7 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", s
                torch: Annotated[bool, typer.Option(help="Also time transformers' PyTorch T5.")] = True,
                remat: Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")] = False):
     """Train-step tokens/s and FLOP/s against this process's GEMM peak and PyTorch T5."""
-    from deepfusion_core.benchmarks import bench_step as run
+    from deepfusion_bench.step import bench_step as run
 
     _preset(preset, dtype)
     inputs_length, targets_length = _parse_seq_len(seq_len)
@@ -566,7 +566,7 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, seq_len: str = "512,
                      help="data=D,model=M (default: all devices on data)")] = None,
                  remat: Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")] = False):
     """The planner's memory estimate per device against XLA's analysis of the compiled step."""
-    from deepfusion_core.benchmarks import bench_memory as run
+    from deepfusion_bench.memory import bench_memory as run
     from deepfusion_core.config import PRESETS
     from deepfusion_core.sharding import check_mesh, parse_mesh
 
@@ -583,7 +583,7 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, seq_len: str = "512,
 def bench_checkpoint(preset: str = "cpu-L", directory: Annotated[Optional[Path], typer.Option(
         help="Where to write (default: the system's temporary directory).")] = None):
     """Orbax save/restore of a model against a raw write/read of the same bytes."""
-    from deepfusion_core.benchmarks import bench_checkpoint as run
+    from deepfusion_bench.checkpoint import bench_checkpoint as run
 
     _preset(preset)
     if directory is not None and not directory.is_dir():
@@ -603,7 +603,7 @@ def bench_prefect(stages: StagesArg = STAGES_DEFAULT, profile: str = "smoke",
                       help="Runs directory (default: a fresh temporary one).")] = None):
     """Prefect's overhead per node and the wall time of a fully cached rerun."""
     _plan(stages, profile, runs_dir or Path("runs"), writes=runs_dir is not None)
-    from flows.bench import bench_prefect as run  # after the plan: Prefect takes seconds
+    from deepfusion_bench.prefect import bench_prefect as run  # after the plan: Prefect takes seconds
 
     r = run(str(stages), profile, str(runs_dir) if runs_dir else None)
     _emit(r, f"prefect {r['nodes']} nodes ({r['profile']}): overhead per node "

@@ -1,7 +1,8 @@
 """Benchmarks measure; these check that their records are complete and self-consistent."""
 
 from deepfusion_core import PRESETS, count_params
-from deepfusion_core.benchmarks import bench_checkpoint, bench_memory
+from deepfusion_bench.checkpoint import bench_checkpoint
+from deepfusion_bench.memory import bench_memory
 
 
 def test_bench_checkpoint_times_orbax_and_raw_io_of_the_same_bytes(tmp_path):
