@@ -508,15 +508,11 @@ def schema_cmd(out: Annotated[Path, typer.Option(help="Where to write it.")] =
     typer.echo(f"wrote {out}")
 
 
-_records_file: list[Path] = []  # where `bench all` collects the records
-
-
-def _emit(record: dict, line: str) -> None:
+def _emit(record: dict, line: str) -> dict:
+    """Print a benchmark's line of figures and its record; return the record for `bench all`."""
     typer.echo(line)
     typer.echo(json.dumps(record))
-    for path in _records_file:
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    return record
 
 
 @bench_app.command("fuse")
@@ -528,9 +524,9 @@ def bench_fuse(preset: str = "table7-M", cross_std: float = 0.0):
     _preset(preset)
     check_fuse_options(2, cross_std, None)
     r = run(preset, cross_std)
-    _emit(r, f"fuse {r['inputs']} -> {r['output_gb']} GB: wall {r['wall_s']}s = "
-             f"{r['wall_over_copy']}x copy ({r['copy_s']}s); peak RSS {r['peak_rss_gb']} GB = "
-             f"{r['peak_over_in_plus_out']}x (inputs + output)")
+    return _emit(r, f"fuse {r['inputs']} -> {r['output_gb']} GB: wall {r['wall_s']}s = "
+                    f"{r['wall_over_copy']}x copy ({r['copy_s']}s); peak RSS {r['peak_rss_gb']} GB = "
+                    f"{r['peak_over_in_plus_out']}x (inputs + output)")
 
 
 @bench_app.command("step")
@@ -556,7 +552,7 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", s
     if torch:
         line += (f"; PyTorch {r['torch_step_s'] * 1e3:.1f} ms "
                  f"(JAX is {r['speedup_vs_torch']}x PyTorch's speed)")
-    _emit(r, line)
+    return _emit(r, line)
 
 
 @bench_app.command("memory")
@@ -574,9 +570,9 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, seq_len: str = "512,
     inputs_length, targets_length = _parse_seq_len(seq_len)
     check_mesh(parse_mesh(mesh), PRESETS[preset], batch)
     r = run(preset, batch, inputs_length, targets_length, dtype, remat, mesh)
-    _emit(r, f"memory {preset} {dtype} batch {batch}x{seq_len} {r['mesh']}{' remat' if remat else ''} "
-             f"on {r['device']}: XLA {r['xla_gib']} GiB per device, estimate "
-             f"{r['estimate_gib']} GiB ({r['estimate_over_xla']}x)")
+    return _emit(r, f"memory {preset} {dtype} batch {batch}x{seq_len} {r['mesh']}{' remat' if remat else ''} "
+                    f"on {r['device']}: XLA {r['xla_gib']} GiB per device, estimate "
+                    f"{r['estimate_gib']} GiB ({r['estimate_over_xla']}x)")
 
 
 @bench_app.command("checkpoint")
@@ -589,12 +585,12 @@ def bench_checkpoint(preset: str = "cpu-L", directory: Annotated[Optional[Path],
     if directory is not None and not directory.is_dir():
         fail(f"--directory {directory} is not a directory")
     r = run(preset, str(directory) if directory else None)
-    _emit(r, f"checkpoint {preset} ({r['gb']} GB) in {r['directory']}: Orbax save "
-             f"{r['orbax_save_gb_per_s']} GB/s vs raw write + fsync {r['raw_write_gb_per_s']} "
-             f"GB/s ({r['save_over_raw']:.0%}; {r['raw_write_cached_gb_per_s']} GB/s without "
-             f"fsync); restore {r['orbax_restore_gb_per_s']} GB/s vs raw "
-             f"read {r['raw_read_gb_per_s']} GB/s ({r['restore_over_raw']:.0%}); checksums "
-             f"{r['checksums_s']}s = {r['checksums_over_save']:.1%} of the save")
+    return _emit(r, f"checkpoint {preset} ({r['gb']} GB) in {r['directory']}: Orbax save "
+                    f"{r['orbax_save_gb_per_s']} GB/s vs raw write + fsync {r['raw_write_gb_per_s']} "
+                    f"GB/s ({r['save_over_raw']:.0%}; {r['raw_write_cached_gb_per_s']} GB/s without "
+                    f"fsync); restore {r['orbax_restore_gb_per_s']} GB/s vs raw "
+                    f"read {r['raw_read_gb_per_s']} GB/s ({r['restore_over_raw']:.0%}); checksums "
+                    f"{r['checksums_s']}s = {r['checksums_over_save']:.1%} of the save")
 
 
 @bench_app.command("prefect")
@@ -606,9 +602,9 @@ def bench_prefect(stages: StagesArg = STAGES_DEFAULT, profile: str = "smoke",
     from deepfusion_bench.prefect import bench_prefect as run  # after the plan: Prefect takes seconds
 
     r = run(str(stages), profile, str(runs_dir) if runs_dir else None)
-    _emit(r, f"prefect {r['nodes']} nodes ({r['profile']}): overhead per node "
-             f"{r['prefect_overhead_per_node_s']}s Prefect + {r['process_overhead_per_node_s']}s "
-             f"own process; first run {r['first_run_s']}s, fully cached rerun {r['cached_rerun_s']}s")
+    return _emit(r, f"prefect {r['nodes']} nodes ({r['profile']}): overhead per node "
+                    f"{r['prefect_overhead_per_node_s']}s Prefect + {r['process_overhead_per_node_s']}s "
+                    f"own process; first run {r['first_run_s']}s, fully cached rerun {r['cached_rerun_s']}s")
 
 
 @bench_app.command("all")
@@ -621,17 +617,13 @@ def bench_all(out: Annotated[Path, typer.Option(help="Append every JSON record h
     _writable(out, "--out", directory=False)
     if prefect:
         _plan(STAGES_DEFAULT, "smoke", Path("runs"))  # before minutes of other benchmarks
-    _records_file.append(out)
-    try:
-        bench_step(batch=8, torch=torch)
-        bench_step(batch=32, torch=torch)
-        bench_fuse()
-        bench_checkpoint()
-        bench_memory(preset="cpu-M", batch=8, seq_len="128,32", dtype="float32")
-        if prefect:
-            bench_prefect()
-    finally:
-        _records_file.clear()
+    runs = [lambda: bench_step(batch=8, torch=torch), lambda: bench_step(batch=32, torch=torch),
+            bench_fuse, bench_checkpoint,
+            lambda: bench_memory(preset="cpu-M", batch=8, seq_len="128,32", dtype="float32")]
+    for run in runs + ([bench_prefect] if prefect else []):
+        record = run()
+        with out.open("a") as f:  # each as it comes: a later failure keeps the earlier ones
+            f.write(json.dumps(record) + "\n")
     typer.echo(f"records appended to {out}")
 
 
