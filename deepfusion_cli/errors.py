@@ -43,12 +43,13 @@ def input_problems(e: BaseException) -> list[str] | None:
     (one from deep inside numpy or JAX is a bug); None otherwise."""
     from pydantic import ValidationError
 
+    from deepfusion_core.errors import validation_lines
+
     if isinstance(e, _UsageError):
         command = e.ctx.command_path.partition(" ")[2] if e.ctx else ""
         return [f"{command + ': ' if command else ''}{' '.join(e.format_message().split())}"]
     if isinstance(e, ValidationError):
-        return [f"{'.'.join(map(str, err['loc'])) or e.title}: "
-                f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        return validation_lines(e)
     if not (isinstance(e, OSError) or type(e).__module__.partition(".")[0] in _PACKAGES
             or isinstance(e, ValueError) and _raised_by_us(e)):
         return None

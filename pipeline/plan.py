@@ -22,6 +22,7 @@ import pydantic
 
 from deepfusion_core import sources
 from deepfusion_core.data_config import DataConfig
+from deepfusion_core.errors import validation_lines
 from deepfusion_core.eval_check import check_eval_batches
 from deepfusion_core.vocab import vocab_size_for_model
 from deepfusion_core.config import PRESETS, T5Config, TrainConfig
@@ -211,8 +212,7 @@ def _data_problems(profile: str, settings: dict, eval_batches: int,
         dc = DataConfig(**settings)
         vocab_size = vocab_size_for_model(dc.vocab)
     except pydantic.ValidationError as e:
-        return [f"{where}{''.join('.' + str(p) for p in err['loc'])}: "
-                f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()], None
+        return validation_lines(e, where), None
     except ValueError as e:
         return [f"{where}: {e}"], None
     try:

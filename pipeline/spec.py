@@ -29,6 +29,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, field_validator, model_validator)
 
 from deepfusion_core.config import MAX_SEED, ExecutionConfig, OptimizerConfig, T5Config
+from deepfusion_core.errors import validation_errors
 from deepfusion_core.mesh_spec import parse_mesh
 
 
@@ -279,23 +280,15 @@ class StagesError(ValueError):
 _UNION_TAGS = {"train", "fuse", "str", "ModelDims"}
 
 
-def _where(loc: tuple) -> str:
-    # Drop pydantic's union tags (a node's "train"/"fuse", a model's "str"/"ModelDims").
+def _where(loc: tuple) -> str | None:
+    """A pydantic error location without its union tags (a node's "train"/"fuse", a model's
+    "str"/"ModelDims"); None for a mapping given for a preset name, which only reports its
+    dimension errors, not "should be a valid string"."""
+    if len(loc) == 5 and loc[2] == "models" and loc[4] == "str":
+        return None
     union_level = 2 if loc[:1] == ("nodes",) else 4 if loc[2:3] == ("models",) else None
     return ".".join(str(p) for i, p in enumerate(loc)
                     if not (i == union_level and p in _UNION_TAGS and len(loc) > i + 1))
-
-
-def _errors(e: ValidationError) -> list[tuple[str, str]]:
-    """(location, message) per pydantic error; a mapping given for a preset name only
-    reports the dimension errors, not "should be a valid string"."""
-    out = []
-    for err in e.errors():
-        loc = err["loc"]
-        if len(loc) == 5 and loc[2] == "models" and loc[4] == "str":
-            continue
-        out.append((_where(loc), err["msg"].removeprefix("Value error, ")))
-    return out
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -346,7 +339,7 @@ def load_stages(path: str | Path) -> Stages:
         raise StagesError([f"{path}: nested too deeply to be a stages file"]) from None
     except ValidationError as e:
         raise StagesError([f"{path}: {where + ': ' if where else ''}{msg}"
-                          for where, msg in _errors(e)]) from None
+                          for where, msg in validation_errors(e, _where)]) from None
 
 
 def resolve_model(spec: str | ModelDims) -> T5Config:
