@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import jax
 
+from deepfusion_core.processes import spawn
+
 ENV_COORDINATOR = "DEEPFUSION_COORDINATOR"
 ENV_NUM_PROCESSES = "DEEPFUSION_NUM_PROCESSES"
 ENV_PROCESS_ID = "DEEPFUSION_PROCESS_ID"
@@ -156,8 +158,9 @@ def launch_local(argv: Sequence[str], processes: int, devices: int,
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        procs.extend(subprocess.Popen(list(argv), env={**base, ENV_PROCESS_ID: str(i)},
-                                      preexec_fn=_die_with_parent) for i in range(processes))
+        # A launcher killed outright (OOM, a flow's timeout) must not leave its processes training.
+        procs.extend(spawn(argv, signal.SIGKILL, env={**base, ENV_PROCESS_ID: str(i)})
+                     for i in range(processes))
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
@@ -172,13 +175,6 @@ def launch_local(argv: Sequence[str], processes: int, devices: int,
         for s, h in previous.items():
             signal.signal(s, h)
         _stop(procs)
-
-
-def _die_with_parent() -> None:
-    # A launcher killed outright (OOM, a flow's timeout) must not leave its processes training.
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:

@@ -17,7 +17,6 @@ as an orphan. A node whose flow process dies gets SIGTERM from the kernel (PR_SE
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
@@ -38,13 +37,13 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Completed
 
 from deepfusion_core.metrics import read_metrics
+from deepfusion_core.processes import spawn
 from pipeline import store
 from pipeline.job import FuseJob, TrainJob, write_job
 from pipeline.plan import build_plan
 from pipeline.report import write_report
 
 ACCELERATOR_LIMIT = "accelerator"
-_PR_SET_PDEATHSIG = 1
 # The server's shortest lease: a slot held by a flow process killed outright (no release) frees
 # after about a minute (plus the repossessor's 15 s loop) instead of Prefect's default 5 minutes.
 _LEASE_S = 60
@@ -88,9 +87,11 @@ class NodeProcesses:
         with self._lock:
             if self.stopping:
                 return None
-            proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    preexec_fn=_term_with_parent)
+            # The node gets SIGTERM (and so checkpoints) when the flow process dies outright
+            # (kill -9, out of memory), which no handler in the flow process sees. Cancellation
+            # needs no help: the worker signals the flow process's group, which holds the nodes.
+            proc = spawn(command, signal.SIGTERM, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, bufsize=1)
             self._running.add(proc)
             return proc
 
@@ -129,13 +130,6 @@ def _stop_with_parent(parent: int, nodes: NodeProcesses, done: threading.Event, 
                          "node stops at a checkpoint")
             os.kill(os.getpid(), signal.SIGTERM)  # the flow run ends as Prefect ends a SIGTERM
             return
-
-
-def _term_with_parent() -> None:
-    # The node gets SIGTERM (and so checkpoints) when the flow process dies outright (kill -9,
-    # out of memory), which no handler in the flow process sees. Cancellation needs no help:
-    # the worker signals the flow process's group, which holds the nodes too.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _node_command(node_dir: Path) -> list[str]:
