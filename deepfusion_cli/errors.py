@@ -22,7 +22,7 @@ USAGE_ERROR = 2
 FAILURE = 1
 # Click's usage errors (typer >= 0.26 vendors its own click): the bases of typer.BadParameter.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-_PACKAGES = ("deepfusion_core", "pipeline", "flows", "deepfusion_cli")
+_PACKAGES = ("deepfusion_core", "pipeline", "flows", "deepfusion_cli", "deepfusion_bench")
 _ROOT = Path(__file__).resolve().parents[1]
 
 
