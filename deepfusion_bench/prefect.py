@@ -3,14 +3,14 @@
 Runs the staged-growth flow twice on a fresh runs directory (Prefect's temporary local
 server unless PREFECT_API_URL is set). Per node, from the first run:
 
-    task_s      the task run's duration as Prefect records it
-    wait_s      time the task spent waiting for a slot of the `accelerator` limit (the
-                branches of the DAG queue for the one CPU slot: not overhead)
-    process_s   the node's process, start to exit (imports, XLA compile, the node's work)
-    work_s      the node's own work inside that process (`run_node`, from its DONE)
+    task_s          the task run's duration as Prefect records it
+    slot_wait_s     time the task spent waiting for a slot of the `accelerator` limit (the
+                    branches of the DAG queue for the one CPU slot: not overhead)
+    process_wall_s  the node's process, start to exit (imports, XLA compile, the node's work)
+    run_wall_s      the node's own work inside that process (`run_job`, from its DONE)
 
-`task_s - wait_s - process_s` is Prefect's overhead (state updates, logs, artifacts);
-`process_s - work_s` is the price of running each node in its own process.
+`task_s - slot_wait_s - process_wall_s` is Prefect's overhead (state updates, logs,
+artifacts); `process_wall_s - run_wall_s` is the price of running each node in its own process.
 """
 
 from __future__ import annotations

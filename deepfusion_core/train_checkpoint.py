@@ -5,7 +5,8 @@ Each step directory is a composite checkpoint with the items
     params/       the model parameters (so a step directory is also a model checkpoint)
     config/       the T5Config (JSON)
     opt_state/    the optimizer state
-    train_state/  JSON: step, data position, data seed, cumulative compute and wall time
+    train_state/  JSON: step, data position and seed, cumulative FLOPs, tokens and wall
+                  time, device count
     checksums/    JSON: the checksums of every params and opt_state array (see `checksums`)
 
 Saves are asynchronous (training continues while Orbax writes) and atomic (Orbax finalises a

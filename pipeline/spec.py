@@ -14,7 +14,8 @@ nodes (train or fuse) and settings (what the report compares)::
     settings:
       "4": {node: L4, description: "...", paper: {accuracy: 70.74, train_nodes: 7}}
 
-Structure is checked here; cross-references (dangling names, cycles, shapes) in `validate`.
+Structure is checked here; cross-references (dangling names, cycles, shapes) in
+`pipeline.plan.build_plan`.
 """
 
 from __future__ import annotations
