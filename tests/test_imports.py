@@ -1,4 +1,5 @@
-"""The layers import one way: flows -> pipeline -> deepfusion_core (the CLI on top of all)."""
+"""The layers import one way: flows -> pipeline -> deepfusion_core (the CLI and the benchmarks
+on top of all)."""
 
 import ast
 from pathlib import Path
@@ -8,9 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # What each layer may not import, at module level or inside a function alike.
 FORBIDDEN = {
-    "deepfusion_core": {"pipeline", "flows", "deepfusion_cli", "prefect"},
-    "pipeline": {"flows", "deepfusion_cli", "prefect"},
-    "flows": {"deepfusion_cli"},
+    "deepfusion_core": {"pipeline", "flows", "deepfusion_cli", "deepfusion_bench", "prefect"},
+    "pipeline": {"flows", "deepfusion_cli", "deepfusion_bench", "prefect"},
+    "flows": {"deepfusion_cli", "deepfusion_bench"},
 }
 
 
