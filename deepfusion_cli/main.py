@@ -320,22 +320,22 @@ def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
         typer.echo(f"warning: {warning}", err=True)
     records = plan_records(plan)
     if as_json:
-        typer.echo(json.dumps(records, indent=1))
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=1))
         return
     typer.echo(f"{plan.stages.name} at profile {plan.profile} -> {plan.root}")
     for r in records:
-        state = r["state"] + (f" @ step {r['checkpoint_step']}" if r["checkpoint_step"] else "")
-        what = f"train {r['steps']} steps" if r["kind"] == "train" else "fuse"
-        parents = f" <- {', '.join(r['parents'])}" if r["parents"] else ""
-        gib = r["memory"]["total"] / 2**30
-        memory = (f"{gib:6.2f} GiB/device ({r['mesh'] or 'data=all'})" if r["kind"] == "train"
+        state = r.state + (f" @ step {r.checkpoint_step}" if r.checkpoint_step else "")
+        what = f"train {r.steps} steps" if r.kind == "train" else "fuse"
+        parents = f" <- {', '.join(r.parents)}" if r.parents else ""
+        gib = r.memory["total"] / 2**30
+        memory = (f"{gib:6.2f} GiB/device ({r.mesh or 'data=all'})" if r.kind == "train"
                   else f"{gib:6.2f} GiB on the host")
-        typer.echo(f"  {r['name']:<6} {state:<16} {what:<18} {r['flops']:>9.3g} FLOPs  "
-                   f"{memory:<40} {r['model']}{parents}  [{r['fingerprint']}]")
-    kinds = [r["kind"] for r in records]
-    todo = sum(r["state"] != "done" for r in records)
+        typer.echo(f"  {r.name:<6} {state:<16} {what:<18} {r.flops:>9.3g} FLOPs  "
+                   f"{memory:<40} {r.model}{parents}  [{r.fingerprint}]")
+    kinds = [r.kind for r in records]
+    todo = sum(r.state != "done" for r in records)
     typer.echo(f"{kinds.count('train')} train nodes, {kinds.count('fuse')} fuse nodes; "
-               f"{todo} not done; total {sum(r['flops'] for r in records):.3g} FLOPs")
+               f"{todo} not done; total {sum(r.flops for r in records):.3g} FLOPs")
 
 
 def _compile_train_steps(plan) -> None:
@@ -418,10 +418,10 @@ def _run_job(job) -> None:
     """Run `job` here, after checking its parents are done. A train node with processes > 1
     runs as that many local JAX processes, each running `run-job` (or joins its group, on a
     cluster host)."""
-    from pipeline import store
     from pipeline.job import TrainJob
+    from pipeline.workdir import Workdir
 
-    missing = [name for name, parent in job.parents.items() if not store.is_done(parent)]
+    missing = [name for name, parent in job.parents.items() if not Workdir(parent).is_done()]
     if missing:
         fail(f"{job.name}: its parents are not done: {', '.join(missing)} (run them first)")
     if isinstance(job, TrainJob) and job.processes > 1:
@@ -430,7 +430,7 @@ def _run_job(job) -> None:
 
     summary = run_job(job, log=lambda m: typer.echo(m, err=True))
     if summary is not None:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(summary.to_json()))
 
 
 @app.command("flow")
@@ -456,18 +456,19 @@ def status_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                runs_dir: RunsOpt = Path("runs")):
     """Live progress: each node's state and latest step, read from the node store."""
     plan = _plan(stages, profile, runs_dir)
-    from deepfusion_core.metrics import read_metrics
+    from deepfusion_core.metrics import TrainRecord
     from pipeline.plan import plan_records
+    from pipeline.workdir import Workdir
 
     for r in plan_records(plan):
-        line = f"{r['name']:<6} {r['state']:<10}"
-        if r["kind"] == "train" and r["state"] != "to run":
-            train = [m for m in read_metrics(Path(r["dir"]) / "metrics.jsonl")
-                     if m["kind"] == "train"]
+        line = f"{r.name:<6} {r.state:<10}"
+        if r.kind == "train" and r.state != "to run":
+            train = [m for m in Workdir(Path(r.dir)).metrics_records()
+                     if isinstance(m, TrainRecord)]
             if train:
                 last = train[-1]
-                line += (f" step {last['step']}/{r['steps']} loss {last['loss']:.3f} "
-                         f"{last['tokens_per_s']:,.0f} tok/s")
+                line += (f" step {last.step}/{r.steps} loss {last.loss:.3f} "
+                         f"{last.tokens_per_s:,.0f} tok/s")
         typer.echo(line)
 
 

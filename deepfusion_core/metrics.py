@@ -11,6 +11,62 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+# A train workdir's layout, as the trainer writes it (the pipeline's node store reads these).
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"  # Orbax steps, `<step>/` each (train_checkpoint)
+
+
+class _Record(BaseModel):
+    # Unknown fields are kept: a metrics file written by an older trainer still reads back.
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class TrainRecord(_Record):
+    """One training step."""
+
+    kind: Literal["train"] = "train"
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    step_time_s: float
+    tokens_per_s: float
+    flops_per_s: float
+
+
+class EvalRecord(_Record):
+    """One evaluation on the validation batches."""
+
+    kind: Literal["eval"] = "eval"
+    step: int
+    eval_loss: float
+    eval_loss_sum: float | None = None  # T5X's summed loss per sequence
+    eval_accuracy: float
+
+
+class SummaryRecord(_Record):
+    """A node's cumulative totals, written once at the end (the last evaluation's eval_*)."""
+
+    kind: Literal["summary"] = "summary"
+    step: int
+    first_step: int
+    flops: int | float
+    tokens: int | float
+    wall_s: float
+    device_s: float
+    devices: int
+    eval_loss: float | None = None
+    eval_loss_sum: float | None = None
+    eval_accuracy: float | None = None
+
+
+MetricsRecord = Annotated[TrainRecord | EvalRecord | SummaryRecord, Field(discriminator="kind")]
+_RECORD = TypeAdapter(MetricsRecord)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -20,13 +76,19 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_records(path: Path) -> list[MetricsRecord]:
+    """The records of a `metrics.jsonl`, typed by kind (pydantic's ValidationError names a
+    malformed one)."""
+    return [_RECORD.validate_python(r) for r in read_metrics(path)]
+
+
 class MetricsLog:
     """Appends records to `WORKDIR/metrics.jsonl` and scalars to `WORKDIR/tensorboard/`."""
 
     def __init__(self, workdir: Path, resumed_step: int, enabled: bool = True):
         # Disabled (writes nothing) in all but one process of a multi-process node.
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / METRICS_FILE
         self._logged: set[tuple] = set()  # (kind, step) of the step and eval records in the file
         if not enabled:
             return
@@ -42,7 +104,7 @@ class MetricsLog:
         # Synchronous: a failed write (a full disk) raises here, in order, not in a writer
         # thread that logs its traceback and raises it again at every later call.
         self._tb = metric_writers.create_default_writer(
-            str(workdir / "tensorboard"), just_logging=False, asynchronous=False)
+            str(workdir / TENSORBOARD_DIR), just_logging=False, asynchronous=False)
 
     def write(self, record: dict) -> None:
         """Append `record`, unless the file already has this step's record of its kind (an

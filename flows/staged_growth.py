@@ -36,12 +36,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Completed
 
-from deepfusion_core.metrics import read_metrics
+from deepfusion_core.metrics import TrainRecord
 from deepfusion_core.processes import spawn
-from pipeline import store
 from pipeline.job import FuseJob, TrainJob, write_job
 from pipeline.plan import build_plan
 from pipeline.report import write_report
+from pipeline.workdir import Workdir
 
 ACCELERATOR_LIMIT = "accelerator"
 # The server's shortest lease: a slot held by a flow process killed outright (no release) frees
@@ -139,18 +139,19 @@ def _node_command(node_dir: Path) -> list[str]:
 
 def _watch_progress(node_dir: Path, steps: int, artifact_id, done: threading.Event) -> None:
     while not done.wait(2.0):
-        train = [r for r in read_metrics(node_dir / "metrics.jsonl") if r["kind"] == "train"]
+        train = [r for r in Workdir(node_dir).metrics_records() if isinstance(r, TrainRecord)]
         if train:
-            update_progress_artifact(artifact_id, 100.0 * train[-1]["step"] / steps)
+            update_progress_artifact(artifact_id, 100.0 * train[-1].step / steps)
 
 
 @task(name="node", cache_policy=NO_CACHE)  # DONE in the node store is the cache
 def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
     """Run one node's job in its own process (a no-op `Cached` state when it is DONE)."""
     logger = get_run_logger()
-    if store.is_done(job.dir):
+    here = Workdir(job.dir)
+    if here.is_done():
         return Completed(name="Cached", message=f"{job.name} is DONE in {job.dir}",
-                         data=store.done_record(job.dir))
+                         data=here.done_record().to_json())
     progress_id = None
     if isinstance(job, TrainJob):
         progress_id = create_progress_artifact(
@@ -189,7 +190,7 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
                                  f"its last checkpoint in {job.dir}")
     if returncode != 0:
         raise RuntimeError(f"node {job.name} exited with status {returncode}; see the log above")
-    summary = store.done_record(job.dir)
+    summary = here.done_record().to_json()
     if progress_id is not None:
         update_progress_artifact(progress_id, 100.0)
     create_table_artifact([{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}],
@@ -216,7 +217,7 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     nodes = NodeProcesses(accelerator_slots)
     if force:
         for name in nodes or order:
-            store.set_aside(plan.nodes[name].dir)
+            Workdir(plan.nodes[name].dir).set_aside()
     done = threading.Event()
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker (or runner) for this run
         threading.Thread(target=_stop_with_parent, daemon=True,

@@ -24,13 +24,14 @@ from deepfusion_core.preemption import Preempted
 from pipeline import store
 from pipeline.job import FuseJob, TrainJob
 from pipeline.plan import Plan
+from pipeline.workdir import NodeSummary, Workdir
 
 Log = Callable[[str], None]
 Job = TrainJob | FuseJob
 _LOCK_POLL_S = 2.0
 
 
-def run_job(job: Job, log: Log = print, progress: bool = False) -> dict | None:
+def run_job(job: Job, log: Log = print, progress: bool = False) -> NodeSummary | None:
     """Run one node whose parents are done; returns its DONE summary.
 
     Another writer of the node is waited for. A failure (other than a stop request) is
@@ -39,9 +40,10 @@ def run_job(job: Job, log: Log = print, progress: bool = False) -> dict | None:
     """
     # The processes of a multi-process node decide together, under the lock (below): one
     # that saw DONE a moment before the others would leave them waiting in a collective.
-    if jax.process_count() == 1 and store.is_done(job.dir):
-        return store.done_record(job.dir)
-    missing = [name for name, parent in job.parents.items() if not store.is_done(parent)]
+    here = Workdir(job.dir)
+    if jax.process_count() == 1 and here.is_done():
+        return here.done_record()
+    missing = [name for name, parent in job.parents.items() if not Workdir(parent).is_done()]
     if missing:
         raise RuntimeError(f"node {job.name}: parents not done: {', '.join(missing)}")
     primary = jax.process_index() == 0
@@ -50,7 +52,7 @@ def run_job(job: Job, log: Log = print, progress: bool = False) -> dict | None:
             if not primary:
                 return None
             log(f"{job.name}: finished by another writer meanwhile")
-            return store.done_record(job.dir)
+            return here.done_record()
         try:
             return _run_locked(job, log, progress, primary)
         except Preempted:
@@ -66,12 +68,13 @@ def _record_failure(job: Job, e: Exception) -> None:
     makes room for it first, and a FAILED that still does not fit is left out: it must not
     replace the error, and the node resumes from its last checkpoint either way."""
     message = f"{type(e).__name__}: {e}"
+    here = Workdir(job.dir)
     if disk.no_space(e) is None:
-        store.mark_failed(job.dir, message)
+        here.mark_failed(message)
         return
-    store.discard_unfinished_checkpoints(job.dir)
+    here.discard_unfinished_checkpoints()
     with contextlib.suppress(OSError):
-        store.mark_failed(job.dir, message)
+        here.mark_failed(message)
 
 
 @contextmanager
@@ -106,22 +109,24 @@ def _node_lock(job: Job, log: Log):
 
 def _done_meanwhile(job: Job) -> bool:
     """Whether the node is DONE now, as the first process (which holds the lock) sees it."""
-    done = store.is_done(job.dir)
+    done = Workdir(job.dir).is_done()
     if jax.process_count() > 1:
         done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
     return done
 
 
-def _run_locked(job: Job, log: Log, progress: bool, primary: bool) -> dict | None:
+def _run_locked(job: Job, log: Log, progress: bool, primary: bool) -> NodeSummary | None:
+    here = Workdir(job.dir)
     if primary:
-        store.write_json_atomic(job.dir / "node.json", job.node_record())
+        store.write_json_atomic(here.node_json, job.node_record())
     start = time.perf_counter()
     summary = job.run(log, progress, primary)
     if not primary:
         return None
-    summary = {**summary, "node": job.name, "kind": job.kind,
-               "fingerprint": job.fingerprint, "run_wall_s": time.perf_counter() - start}
-    store.mark_done(job.dir, summary)
+    summary = NodeSummary.model_validate(
+        {**summary, "node": job.name, "kind": job.kind, "fingerprint": job.fingerprint,
+         "run_wall_s": time.perf_counter() - start})
+    here.mark_done(summary)
     return summary
 
 
@@ -135,7 +140,7 @@ def run_plan(plan: Plan, only: Iterable[str] | None = None, log: Log = print,
     with store.run_lock(plan.root):
         for name in plan.runnable_order(only):
             node = plan.nodes[name]
-            if store.is_done(node.dir):
+            if Workdir(node.dir).is_done():
                 outcome[name] = "done"
                 continue
             if any(not outcome.get(p, "").startswith(("done", "ran")) for p in node.parents):

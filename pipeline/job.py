@@ -30,9 +30,9 @@ from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import parse_mesh
 from deepfusion_core.param_layout import count_params
 from pipeline import store
+from pipeline.workdir import Workdir
 
 Log = Callable[[str], None]
-JOB_FILE = "job.json"
 
 
 class _Job(BaseModel):
@@ -98,11 +98,12 @@ class TrainJob(_Job):
 
         from deepfusion_core.train import train
 
-        if self.extend_from is not None and store.latest_checkpoint_step(self.dir) is None:
+        here = Workdir(self.dir)
+        if self.extend_from is not None and here.latest_checkpoint_step() is None:
             if primary:
-                store.copy_train_prefix(*self.extend_from, self.dir)
-                log(f"{self.name}: extending {self.extend_from[0].name} from its step "
-                    f"{self.extend_from[1]}")
+                source, step = self.extend_from
+                here.copy_train_prefix(Workdir(source), step)
+                log(f"{self.name}: extending {source.name} from its step {step}")
         if jax.process_count() > 1:  # the others must see the copy before they restore
             multihost_utils.sync_global_devices(f"extend {self.dir.name}")
         return train(self.model, self.train, self.data, self.dir, init=self.init,
@@ -123,7 +124,7 @@ class FuseJob(_Job):
     @property
     def model_path(self) -> Path:
         """Where the node's model is: its `model/` checkpoint."""
-        return self.dir / "model"
+        return Workdir(self.dir).model
 
     @property
     def flops(self) -> int:
@@ -170,14 +171,14 @@ class _JobFile(BaseModel):
 def write_job(job: TrainJob | FuseJob) -> Path:
     """Write `job` into its node directory (atomically); the path of the file."""
     job.dir.mkdir(parents=True, exist_ok=True)
-    path = job.dir / JOB_FILE
+    path = Workdir(job.dir).job_json
     store.write_text_atomic(path, _JobFile(job=job).model_dump_json(indent=1) + "\n")
     return path
 
 
 def read_job(node_dir: str | Path) -> TrainJob | FuseJob:
     """The job written into `node_dir`; ValueError naming the file if there is none."""
-    path = Path(node_dir) / JOB_FILE
+    path = Workdir(Path(node_dir)).job_json
     if not path.is_file():
         raise ValueError(f"{path}: no such job file (a node directory holds one once its plan "
                          f"has run it)")

@@ -31,6 +31,7 @@ from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import check_mesh_fits, parse_mesh
 from pipeline import store
 from pipeline.job import FuseJob, TrainJob
+from pipeline.workdir import NODE_FILE, Workdir
 from pipeline.spec import (SEED_STRIDE, FuseNode, Stages, StagesError, TrainNode, load_stages,
                            resolve_model)
 
@@ -56,12 +57,13 @@ class Plan:
     def state(self, name: str) -> tuple[State, int | None]:
         """(state, latest checkpoint step) of a node, read from the node store."""
         node = self.nodes[name]
-        if store.is_done(node.dir):
+        here = Workdir(node.dir)
+        if here.is_done():
             return "done", None
         if any(self.state(p)[0] in ("failed", "blocked") for p in node.parents):
             return "blocked", None
-        step = store.latest_checkpoint_step(node.dir) if isinstance(node, TrainJob) else None
-        if store.failure(node.dir):
+        step = here.latest_checkpoint_step() if isinstance(node, TrainJob) else None
+        if here.failure():
             return "failed", step
         if step is None and (source := self.extension_source(name)):
             step = source[1]
@@ -77,17 +79,17 @@ class Plan:
         if not isinstance(node, TrainJob) or node.train.optimizer == "adamw":
             return None
         best = None
-        for record_path in (self.root / "nodes").glob("*/node.json"):
+        for record_path in (self.root / "nodes").glob(f"*/{NODE_FILE}"):
             steps = (store.read_json(record_path) or {}).get("train", {}).get("steps")
             if not isinstance(steps, int) or steps >= node.train.steps:
                 continue
             record = node.fingerprint_record
             shorter = {**record, "train": {**record["train"], "steps": steps}}
-            src = record_path.parent
-            if (src.name.endswith(f"-{_fingerprint(shorter)}") and store.is_done(src)
-                    and store.latest_checkpoint_step(src) == steps
+            src = Workdir(record_path.parent)
+            if (src.path.name.endswith(f"-{_fingerprint(shorter)}") and src.is_done()
+                    and src.latest_checkpoint_step() == steps
                     and (best is None or steps > best[1])):
-                best = (src, steps)
+                best = (src.path, steps)
         return best
 
     def job(self, name: str) -> PlannedNode:
@@ -393,17 +395,36 @@ def _gib(parts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
 
 
-def plan_records(plan: Plan) -> list[dict]:
-    """One JSON-able record per node: name, kind, dims, parents, fingerprint, state, compute."""
+class PlanRow(pydantic.BaseModel):
+    """A node as `deepfusion plan` and `status` show it (`--json`: one object per node)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    kind: Literal["train", "fuse"]
+    model: str  # the model's one-line description
+    dims: dict  # the model's config
+    parents: list[str]
+    fingerprint: str
+    state: State
+    checkpoint_step: int | None
+    steps: int | None  # train nodes only, as are mesh and a device's memory
+    flops: int | float
+    mesh: str | None
+    memory: dict[str, int]  # bytes by part, and their total (per device; a fuse node's host)
+    dir: str
+
+
+def plan_records(plan: Plan) -> list[PlanRow]:
+    """One row per node: name, kind, dims, parents, fingerprint, state, compute."""
     records = []
     for name, node in plan.nodes.items():
         state, step = plan.state(name)
-        records.append({
-            "name": name, "kind": node.kind, "model": node.model.describe(),
-            "dims": node.model.model_dump(mode="json"), "parents": list(node.parents),
-            "fingerprint": node.fingerprint, "state": state, "checkpoint_step": step,
-            "steps": node.train.steps if isinstance(node, TrainJob) else None,
-            "flops": node.flops, "mesh": node.train.mesh if isinstance(node, TrainJob) else None,
-            "memory": node.memory(),
-            "dir": str(node.dir)})
+        train = node.train if isinstance(node, TrainJob) else None
+        records.append(PlanRow(
+            name=name, kind=node.kind, model=node.model.describe(),
+            dims=node.model.model_dump(mode="json"), parents=list(node.parents),
+            fingerprint=node.fingerprint, state=state, checkpoint_step=step,
+            steps=train.steps if train else None, flops=node.flops,
+            mesh=train.mesh if train else None, memory=node.memory(), dir=str(node.dir)))
     return records

@@ -27,9 +27,10 @@ import sys
 from pathlib import Path
 
 from deepfusion_core import workdir_lock
-from deepfusion_core.metrics import read_metrics
+from deepfusion_core.metrics import EvalRecord
 from pipeline import store
 from pipeline.plan import Plan
+from pipeline.workdir import Workdir
 
 COLUMNS = ["setting", "replica", "node", "description", "eval_loss", "eval_accuracy",
            "train_nodes", "train_steps", "flops", "wall_s", "flops_to_baseline_acc",
@@ -42,8 +43,8 @@ def _curve(plan: Plan, name: str, prior_flops: float) -> Curve:
     """(cumulative FLOPs, accuracy, loss) at each evaluation of node `name`."""
     node = plan.nodes[name]
     per_step = node.flops / node.train.steps
-    return [(prior_flops + r["step"] * per_step, r["eval_accuracy"], r["eval_loss"])
-            for r in read_metrics(node.dir / "metrics.jsonl") if r["kind"] == "eval"]
+    return [(prior_flops + r.step * per_step, r.eval_accuracy, r.eval_loss)
+            for r in Workdir(node.dir).metrics_records() if isinstance(r, EvalRecord)]
 
 
 def replica_rows(plan: Plan) -> tuple[list[dict], dict[tuple[str, int], Curve]]:
@@ -52,22 +53,22 @@ def replica_rows(plan: Plan) -> tuple[list[dict], dict[tuple[str, int], Curve]]:
     for replica in range(plan.replicas):
         for label, setting in plan.stages.settings.items():
             final = plan.replica_name(setting.node, replica)
-            summary = store.done_record(plan.nodes[final].dir)
+            summary = Workdir(plan.nodes[final].dir).done_record()
             if summary is None:
                 continue
             ancestry = plan.ancestry(final)
-            done = {n: store.done_record(plan.nodes[n].dir) for n in ancestry}
+            done = {n: Workdir(plan.nodes[n].dir).done_record() for n in ancestry}
             trains = [n for n in ancestry if plan.nodes[n].kind == "train"]
-            prior = sum(done[n]["flops"] for n in ancestry if n != final)
+            prior = sum(done[n].flops for n in ancestry if n != final)
             curves[label, replica] = _curve(plan, final, prior)
             rows.append({
                 "setting": label, "replica": replica, "node": final,
                 "description": setting.description,
-                "eval_loss": summary["eval_loss"], "eval_accuracy": summary["eval_accuracy"],
+                "eval_loss": summary.eval_loss, "eval_accuracy": summary.eval_accuracy,
                 "train_nodes": len(trains),
                 "train_steps": sum(plan.nodes[n].train.steps for n in trains),
-                "flops": sum(done[n]["flops"] for n in ancestry),
-                "wall_s": sum(done[n]["wall_s"] for n in ancestry),
+                "flops": sum(done[n].flops for n in ancestry),
+                "wall_s": sum(done[n].wall_s for n in ancestry),
                 "paper_accuracy": setting.paper.accuracy,
                 "paper_train_nodes": setting.paper.train_nodes,
             })
@@ -215,13 +216,13 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
             f"{_fmt(r['saving_to_baseline_acc'], 'saving')} | {reach['loss']} | "
             f"{_fmt(r['saving_to_baseline_loss'], 'saving')} | {_fmt(r['paper_accuracy'])} | "
             f"{_fmt(r['paper_train_nodes'])} |")
-    done = [store.done_record(n.dir) for n in plan.nodes.values() if n.kind == "train"]
+    done = [Workdir(n.dir).done_record() for n in plan.nodes.values() if n.kind == "train"]
     done = [d for d in done if d is not None]
     total = sum(n.kind == "train" for n in plan.nodes.values())
     lines += ["", (f"{len(done)} of {total} train nodes done ({plan.replicas} "
                    f"seed{'s' if plan.replicas > 1 else ''}); their training took "
-                   f"{sum(d['wall_s'] for d in done) / 60:.0f} min of wall time and "
-                   f"{sum(d['flops'] for d in done):.3g} FLOPs in all.")]
+                   f"{sum(d.wall_s for d in done) / 60:.0f} min of wall time and "
+                   f"{sum(d.flops for d in done):.3g} FLOPs in all.")]
     if claims:
         lines += ["", "| the paper's claim | by | measured here | holds | largest seed sd |",
                   "|---|---|---|---|---|"]

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from deepfusion_cli.main import app
 from deepfusion_core import load_model, workdir_lock
 from deepfusion_core.metrics import read_metrics
-from pipeline import store
 from pipeline.execute import run_job
 from pipeline.plan import build_plan
+from pipeline.workdir import Workdir
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
@@ -81,7 +81,7 @@ def outcome(node_dir: Path, drop=()):
 
 def assert_single_writers_result(node_dir: Path, single_writer, drop=()):
     """DONE, no FAILED, no temporary leftovers, params and metrics equal to one writer's."""
-    assert store.is_done(node_dir) and not (node_dir / "FAILED").exists()
+    assert Workdir(node_dir).is_done() and not (node_dir / "FAILED").exists()
     leftovers = [p for p in node_dir.rglob("*") if "tmp" in p.name or p.name == ".extending"]
     assert not leftovers, leftovers
     params, records = outcome(node_dir, drop)
@@ -161,10 +161,10 @@ def test_hostile_writers_take_turns_and_a_dead_holder_is_taken_over(stages, sing
     others = [w for w in writers if w is not holder]
     wait_until(lambda: all("waiting for S1" in output(w) for w in others), writers)
     os.kill(pid, signal.SIGCONT)
-    wait_until(lambda: (store.latest_checkpoint_step(node_dir) or 0) >= TRAIN["save_every"],
+    wait_until(lambda: (Workdir(node_dir).latest_checkpoint_step() or 0) >= TRAIN["save_every"],
                writers)
     holder.kill()  # SIGKILL mid-training: no handler runs, the kernel drops the lock
-    assert holder.wait() == -signal.SIGKILL and not store.is_done(node_dir)
+    assert holder.wait() == -signal.SIGKILL and not Workdir(node_dir).is_done()
     outputs = [finish(w) for w in others]
     for out in outputs:  # each named the holder, once
         assert out.count("waiting for S1") == 1 and holder_line(pid) in out, out
@@ -219,7 +219,7 @@ def test_force_does_not_set_aside_a_node_another_writer_holds(tmp_path):
     node.mkdir()
     with workdir_lock.hold(node, "node S1", wait=False):
         with pytest.raises(workdir_lock.LockedError, match="in use"):
-            store.set_aside(node)
+            Workdir(node).set_aside()
         assert node.is_dir()
-    store.set_aside(node)
+    Workdir(node).set_aside()
     assert [p.name.split(".replaced-")[0] for p in tmp_path.iterdir()] == ["S1-abc"]

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from deepfusion_core.metrics import read_metrics
-from pipeline import store
 from pipeline.plan import build_plan
+from pipeline.workdir import Workdir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -148,7 +148,7 @@ def wait_for_node(node_dir: Path, step: int, checkpoint: int = 0, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         train = [r for r in read_metrics(node_dir / "metrics.jsonl") if r["kind"] == "train"]
-        if train and train[-1]["step"] >= step and (store.latest_checkpoint_step(node_dir) or 0) >= checkpoint:
+        if train and train[-1]["step"] >= step and (Workdir(node_dir).latest_checkpoint_step() or 0) >= checkpoint:
             return
         time.sleep(0.05)
     raise TimeoutError(f"{node_dir} did not reach step {step}")
@@ -219,10 +219,10 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
         if name not in wanted:
             assert not node.dir.exists()  # nothing outside the requested nodes ran
             continue
-        assert store.is_done(node.dir)
+        assert Workdir(node.dir).is_done()
         if node.kind == "train":
             assert {f"{name.lower()}-progress", f"{name.lower()}-metrics"} <= artifacts
-            assert store.latest_checkpoint_step(node.dir) == node.train.steps
+            assert Workdir(node.dir).latest_checkpoint_step() == node.train.steps
     assert {"six-settings-report", "six-settings-report-md"} <= artifacts
     report = runs / "six-settings" / "report" / "smoke"
     assert {"report.md", "settings.csv", "curves.png"} <= {p.name for p in report.iterdir()}
@@ -262,8 +262,8 @@ def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_reru
         time.sleep(0.5)
     assert not node_processes("Ma", runs)
     first_stop = last_train_step(ma.dir)
-    assert 20 <= first_stop < 200 and store.latest_checkpoint_step(ma.dir) == first_stop
-    assert not store.is_done(ma.dir)
+    assert 20 <= first_stop < 200 and Workdir(ma.dir).latest_checkpoint_step() == first_stop
+    assert not Workdir(ma.dir).is_done()
     assert task_runs(prefect, cancelled)["Ma"]["state_type"] == "CANCELLED"
     assert accelerator_slots_in_use(prefect) == 0
 
@@ -284,7 +284,7 @@ def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_reru
     assert not running(flow_processes + nodes) and not node_processes("Ma", runs)
     second_stop = last_train_step(ma.dir)
     assert first_stop + 10 <= second_stop < 200
-    assert store.latest_checkpoint_step(ma.dir) == second_stop
+    assert Workdir(ma.dir).latest_checkpoint_step() == second_stop
     assert logged(prefect, orphaned, f"from step {first_stop}")  # it resumed the first stop
     assert wait_run(prefect, orphaned, timeout=30)["state_type"] == "CRASHED"
     assert task_runs(prefect, orphaned)["Ma"]["state_type"] == "CANCELLED"
@@ -295,7 +295,7 @@ def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_reru
     assert wait_run(prefect, completed)["state_type"] == "COMPLETED", \
         run_logs(prefect, completed)[-3000:]
     assert task_runs(prefect, completed)["Ma"]["state_name"] == "Completed"
-    assert store.done_record(ma.dir)["first_step"] == second_stop
+    assert Workdir(ma.dir).done_record().first_step == second_stop
     assert accelerator_slots_in_use(prefect) == 0
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import store
 from pipeline.job import FuseJob, TrainJob, read_job, write_job
 from pipeline.plan import build_plan
+from pipeline.workdir import Workdir
 
 REPO = Path(__file__).resolve().parents[1]
 # Run the CLI as a node process would, then report which heavy libraries it imported.
@@ -66,15 +66,15 @@ def test_node_processes_run_their_jobs_without_the_stages_file(plan):
 
     early = run_job_process(fused.dir)  # its parent is not done: refused, nothing written
     assert early.returncode == 2 and "its parents are not done: S1" in early.stderr
-    assert not store.is_done(fused.dir)
+    assert not Workdir(fused.dir).is_done()
 
     trained = run_job_process(s1.dir)
     assert trained.returncode == 0, trained.stderr
     assert json.loads(trained.stdout.splitlines()[0])["step"] == 2
-    assert store.latest_checkpoint_step(s1.dir) == 2
+    assert Workdir(s1.dir).latest_checkpoint_step() == 2
 
     done = run_job_process(fused.dir)
     assert done.returncode == 0, done.stderr
     assert "imported: []" in done.stdout  # a fuse node reads no data: no TensorFlow
-    assert store.done_record(fused.dir)["node"] == "M11f"
+    assert Workdir(fused.dir).done_record().node == "M11f"
     assert (fused.dir / "model").is_dir()

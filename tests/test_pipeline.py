@@ -20,6 +20,7 @@ from deepfusion_core.metrics import read_metrics
 from pipeline import store
 from pipeline.execute import run_plan
 from pipeline.plan import build_plan, plan_records
+from pipeline.workdir import Workdir
 from pipeline.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 
 def done_mtimes(plan):
     return {n: (node.dir / "DONE").stat().st_mtime_ns for n, node in plan.nodes.items()
-            if store.is_done(node.dir)}
+            if Workdir(node.dir).is_done()}
 
 
 def edited_stages(tmp_path, edit) -> Path:
@@ -63,12 +64,12 @@ def test_smoke_dag_runs_every_node_and_reports_six_settings(smoke_run):
     assert Path(report["plot"]).stat().st_size > 10_000
     l4 = next(r for r in report["rows"] if r["setting"] == "4")
     # Setting 4's compute is its seven train nodes, each ancestor counted once.
-    assert l4["flops"] == sum(store.done_record(plan.nodes[n].dir)["flops"]
+    assert l4["flops"] == sum(Workdir(plan.nodes[n].dir).done_record().flops
                               for n in plan.ancestry("L4"))
     for node in plan.nodes.values():
-        assert store.is_done(node.dir)
+        assert Workdir(node.dir).is_done()
         if node.kind == "train":
-            assert store.latest_checkpoint_step(node.dir) == node.train.steps
+            assert Workdir(node.dir).latest_checkpoint_step() == node.train.steps
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_second_run_recomputes_nothing(smoke_run):
     plan, _, _, runs, _ = smoke_run
     before = done_mtimes(plan)
     again = build_plan(STAGES, "smoke", runs)
-    assert {r["state"] for r in plan_records(again)} == {"done"}
+    assert {r.state for r in plan_records(again)} == {"done"}
     assert set(run_plan(again, log=lambda m: None).values()) == {"done"}
     assert done_mtimes(again) == before
 
@@ -114,8 +115,8 @@ def test_editing_one_node_reruns_exactly_its_descendants(smoke_run, tmp_path):
     assert {n: after[n] for n in edited.nodes if n not in changed} == \
         {n: before[n] for n in edited.nodes if n not in changed}
     # The old S3 and its descendants stay in the store: editing back costs nothing.
-    assert all(store.is_done(plan.nodes[n].dir) for n in changed)
-    assert store.latest_checkpoint_step(edited.nodes["S3"].dir) == 6
+    assert all(Workdir(plan.nodes[n].dir).is_done() for n in changed)
+    assert Workdir(edited.nodes["S3"].dir).latest_checkpoint_step() == 6
 
 
 def test_a_second_run_on_a_locked_runs_dir_refuses(tmp_path):
@@ -159,19 +160,19 @@ def test_kill_9_mid_node_resumes_and_the_report_matches(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:
         steps = [r["step"] for r in read_metrics(l5.dir / "metrics.jsonl") if r["kind"] == "train"]
-        if steps and steps[-1] >= 14 and (store.latest_checkpoint_step(l5.dir) or 0) >= 8:
+        if steps and steps[-1] >= 14 and (Workdir(l5.dir).latest_checkpoint_step() or 0) >= 8:
             break
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     ma_done = (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns
-    assert not store.is_done(l5.dir)
+    assert not Workdir(l5.dir).is_done()
 
     resumed = subprocess.run([DEEPFUSION, *args, "--runs-dir", runs], capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert store.done_record(l5.dir)["first_step"] >= 8
+    assert Workdir(l5.dir).done_record().first_step >= 8
     assert (plan.nodes["Ma"].dir / "DONE").stat().st_mtime_ns == ma_done
 
     def rows(root):
@@ -223,8 +224,8 @@ def test_more_steps_continue_the_finished_run_bit_identically(smoke_run, tmp_pat
     logs = []
     assert run_plan(extended, only=["S1"], log=logs.append) == {"S1": "ran"}
     assert any(f"extending {plan.nodes['S1'].dir.name} from its step 8" in m for m in logs)
-    done = store.done_record(node.dir)
-    assert (done["first_step"], done["step"]) == (8, 12)
+    done = Workdir(node.dir).done_record()
+    assert (done.first_step, done.step) == (8, 12)
     assert (plan.nodes["S1"].dir / "DONE").stat().st_mtime_ns == s1_done  # left as it was
     steps = [r["step"] for r in read_metrics(node.dir / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 13))
