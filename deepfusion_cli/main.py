@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -174,26 +175,43 @@ def _parse_seq_len(text: str) -> tuple[int, int]:
 # keep a short name of their own too.
 _SHORT_NAMES = {"learning_rate": "--lr", "warmup_steps": "--warmup", "batch_size": "--batch",
                 "source": "--data"}
+# The data's seed is the parameter init's too: one --seed, passed to train() beside the configs.
 _SEED_HELP = "Seed of the parameter init, data order and span corruption."
 
 
-def _config_options() -> list[inspect.Parameter]:
-    """One keyword parameter with its typer option per field of TrainConfig and DataConfig
-    (the data's seed is the training seed: one --seed)."""
-    from deepfusion_core.config import TrainConfig
-    from deepfusion_core.data_config import DataConfig
+def _or_none(kind: type) -> Callable[[str], object]:
+    """A parser of `kind` that reads "none" (any case) as None: how an option turns off a
+    setting that may be None (`--grad-clip none`)."""
+    def parse(text):
+        if not isinstance(text, str):  # the field's default, which click converts too
+            return text
+        if text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is neither {kind.__name__} nor none") from None
 
-    fields = {**TrainConfig.model_fields,
-              **{k: f for k, f in DataConfig.model_fields.items() if k != "seed"}}
+    return parse
+
+
+def _config_options() -> list[inspect.Parameter]:
+    """One keyword parameter with its typer option per field of TrainConfig and DataConfig."""
+    from deepfusion_core.config import DataConfig, TrainConfig
+
     params = []
-    for name, field in fields.items():
-        kind = field.annotation
+    for name, field in {**TrainConfig.model_fields, **DataConfig.model_fields}.items():
+        kind, parser = field.annotation, None
         if typing.get_origin(kind) is typing.Literal:  # typer takes no Literal: pydantic checks
             kind = str
+        args = typing.get_args(kind)
+        if type(None) in args:  # X | None: "none" is the value None
+            parser = _or_none(next(a for a in args if a is not type(None)))
         names = [f"--{name.replace('_', '-')}", *filter(None, [_SHORT_NAMES.get(name)])]
         if kind is bool:
             names = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
-        option = typer.Option(*names, help=_SEED_HELP if name == "seed" else field.description)
+        option = typer.Option(*names, parser=parser,
+                              help=_SEED_HELP if name == "seed" else field.description)
         default = inspect.Parameter.empty if field.is_required() else field.default
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[kind, option]))
@@ -232,22 +250,20 @@ def train(
     _launch_or_join(processes, options["batch_size"])
 
     from deepfusion_core.checkpoint import read_config
-    from deepfusion_core.config import TrainConfig
-    from deepfusion_core.data_config import DataConfig
+    from deepfusion_core.config import DataConfig, TrainConfig
     from deepfusion_core.train import train as run
     from deepfusion_core.vocab import vocab_size_for_model
 
     if model is None and init is None:
         fail("give --model (a preset or checkpoint) or --init (a checkpoint)")
     tc = TrainConfig(**{k: options[k] for k in TrainConfig.model_fields})
-    dc = DataConfig(**{k: options[k] for k in DataConfig.model_fields if k != "seed"},
-                    seed=options["seed"])
+    dc = DataConfig(**{k: options[k] for k in DataConfig.model_fields})
     from deepfusion_core import PRESETS
     if model in PRESETS:
         cfg = PRESETS[model].model_copy(update={"vocab_size": vocab_size_for_model(dc.vocab)})
     else:
         cfg = _resolve_config(model) if model is not None else read_config(init)
-    summary = run(cfg, tc, dc, workdir, init=init, progress=progress,
+    summary = run(cfg, tc, dc, workdir, seed=dc.seed, init=init, progress=progress,
                   log=lambda m: typer.echo(m, err=True))
     if summary is not None:  # the other processes of a multi-process run print nothing
         typer.echo(json.dumps(summary))

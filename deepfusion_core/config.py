@@ -1,19 +1,30 @@
-"""The configs a run is made of, and the paper's model presets.
+"""The configs a run is made of, and the paper's model presets: the one home of every setting.
 
 Each is a frozen pydantic model importing neither JAX nor TensorFlow, so planning and the
-command line read them fast: `T5Config` (the model; it travels in checkpoints as JSON, in
-`stages.yaml` and through fusion), `OptimizerConfig` (what training computes),
-`ExecutionConfig` (how it runs) and `TrainConfig` (both, with the mesh and seed).
+command line read them fast. In order: `T5Config` (the model; it travels in checkpoints as
+JSON, in `stages.yaml` and through fusion) and its presets, `DataConfig` (what the training
+text is), `OptimizerConfig` (what training computes), `ExecutionConfig` (how it runs) and
+`TrainConfig` (both, with the mesh). The seed of the initial params is no setting: `train()`
+takes it as an argument.
+
+Data sources (`DataConfig.source`): ``builtin`` (Python's bundled docs), ``c4:PATH`` (local
+C4 shards) or ``tfds:DATA_DIR`` (TFDS ``c4/en:3.1.0``); see `deepfusion_core.sources`.
+Vocabularies (`DataConfig.vocab`): ``byte`` or ``t5:PATH`` (a SentencePiece model), both
+with `EXTRA_IDS` sentinels; see `deepfusion_core.vocab`. Reading the data is
+`deepfusion_core.data`.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 T5_VOCAB_SIZE = 32128  # 32000 SentencePiece pieces + 100 sentinels, padded to a multiple of 128
 MAX_SEED = 2**32 - 1  # every seed (params, data, fusion noise) fits what JAX, numpy and TF take
+
+
+# The model: its dimensions, and the paper's presets.
 
 
 class T5Config(BaseModel):
@@ -62,6 +73,122 @@ class T5Config(BaseModel):
         )
 
 
+def _preset(d_model: int, num_heads: int, head_dim: int, d_ff: int, num_layers: int,
+            vocab_size: int = T5_VOCAB_SIZE) -> T5Config:
+    return T5Config(d_model=d_model, num_heads=num_heads, head_dim=head_dim, d_ff=d_ff,
+                    num_layers=num_layers, vocab_size=vocab_size)
+
+
+# The paper's Tables 6 and 7, plus two CPU families whose S+S fuse to M and M+M to L, like
+# the paper's. `tiny-*` runs in seconds (tests); `cpu-*` is the largest that trains usefully
+# on a 2-core CPU in minutes (benchmarks, reproduction).
+PRESETS: dict[str, T5Config] = {
+    "table6-small": _preset(512, 6, 64, 1024, 8),
+    "table6-medium": _preset(1024, 12, 64, 2048, 8),
+    "table7-S": _preset(512, 6, 128, 1024, 8),
+    "table7-M": _preset(1024, 12, 128, 2048, 8),
+    "table7-L": _preset(2048, 24, 128, 4096, 8),
+    "tiny-S": _preset(32, 2, 16, 64, 2),
+    "tiny-M": _preset(64, 4, 16, 128, 2),
+    "tiny-L": _preset(128, 8, 16, 256, 2),
+    "cpu-S": _preset(128, 2, 64, 256, 4),
+    "cpu-M": _preset(256, 4, 64, 512, 4),
+    "cpu-L": _preset(512, 8, 64, 1024, 4),
+}
+
+
+# The data: where the text comes from, its tokens, span corruption and batches.
+
+NOISE_DENSITY = 0.15
+MEAN_NOISE_SPAN_LENGTH = 3.0
+EXTRA_IDS = 100
+TFDS_C4 = "c4/en:3.1.0"
+EVAL_SEED = 0  # the validation set's span masks do not depend on the training seed
+
+
+class DataError(ValueError):
+    """Data that is missing, empty or inconsistent with what the configuration asks for."""
+
+
+def source_parts(spec: str) -> tuple[str, str]:
+    """('builtin', ''), ('c4', PATH) or ('tfds', DATA_DIR); `DataError` for any other spec."""
+    kind, _, arg = spec.partition(":")
+    if spec == "builtin":
+        return kind, ""
+    if kind in ("c4", "tfds") and arg:
+        return kind, arg
+    raise DataError(f"source must be 'builtin', 'c4:PATH' or 'tfds:DATA_DIR', not {spec!r}")
+
+
+def vocab_parts(spec: str) -> tuple[str, str]:
+    """('byte', '') or ('t5', PATH); `DataError` for any other spec."""
+    if spec == "byte":
+        return spec, ""
+    if spec.startswith("t5:") and len(spec) > 3:
+        return "t5", spec[3:]
+    raise DataError(f"vocab must be 'byte' or 't5:PATH', not {spec!r}")
+
+
+def span_corruption_lengths(inputs_length: int) -> tuple[int, int]:
+    """(tokens per segment, targets length) for corrupted inputs of `inputs_length`, EOS included.
+
+    T5's `random_spans_helper`: 512 gives (568, 114), 128 gives (141, 29).
+    """
+    def lengths(tokens: int) -> tuple[int, int]:
+        noise = int(round(tokens * NOISE_DENSITY))
+        spans = int(round(noise / MEAN_NOISE_SPAN_LENGTH))
+        return tokens - noise + spans + 1, noise + spans + 1
+
+    tokens = inputs_length - 1
+    while lengths(tokens + 1)[0] <= inputs_length:
+        tokens += 1
+    return tokens, lengths(tokens)[1]
+
+
+class DataConfig(BaseModel):
+    """Where training text comes from, how it is tokenized, and the shape of the batches."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(default="builtin", description="builtin | c4:PATH | tfds:DATA_DIR")
+    vocab: str = Field(default="byte", description="byte | t5:PATH (SentencePiece model)")
+    inputs_length: int = Field(default=128, ge=8, description="Encoder length (tokens).")
+    # 128 needs 29; T5's 512 needs 114
+    targets_length: int = Field(default=32, ge=2, description="Decoder length (tokens).")
+    batch_size: int = Field(default=8, gt=0, description="Global batch size (sequences).")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the data order and "
+                                                                "span corruption.")
+    pack: bool = Field(default=True, description="Pack several examples per sequence.")
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        source_parts(v)
+        return v
+
+    @field_validator("vocab")
+    @classmethod
+    def _check_vocab(cls, v: str) -> str:
+        vocab_parts(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check_lengths(self):
+        needed = span_corruption_lengths(self.inputs_length)[1]
+        if self.targets_length < needed:
+            raise ValueError(f"targets_length={self.targets_length} is too short: span "
+                             f"corruption of inputs_length={self.inputs_length} needs {needed}")
+        return self
+
+    @property
+    def lengths(self) -> dict[str, int]:
+        """The task feature lengths, as seqio and its feature converters take them."""
+        return {"inputs": self.inputs_length, "targets": self.targets_length}
+
+
+# Training: what it computes (the optimizer), how it runs (the execution), and both.
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -98,10 +225,9 @@ class ExecutionConfig(_Config):
 
 
 class TrainConfig(OptimizerConfig, ExecutionConfig):
-    """Everything `train()` takes besides the model and the data: the optimizer (what it
-    computes), the execution (how), the mesh it runs on and the seed of its initial params."""
+    """Everything `train()` takes besides the model, the data and the seed of the initial
+    params: the optimizer (what it computes), the execution (how) and the mesh it runs on."""
 
-    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the parameter init.")
     mesh: str | None = Field(default=None, description="data=D,model=M (default: every device "
                                                        "on data).")
 
@@ -109,27 +235,3 @@ class TrainConfig(OptimizerConfig, ExecutionConfig):
     def optimizer_config(self) -> OptimizerConfig:
         """The part that says what is computed (the fingerprint's and compile cache's)."""
         return OptimizerConfig(**self.model_dump(include=set(OptimizerConfig.model_fields)))
-
-
-def _preset(d_model: int, num_heads: int, head_dim: int, d_ff: int, num_layers: int,
-            vocab_size: int = T5_VOCAB_SIZE) -> T5Config:
-    return T5Config(d_model=d_model, num_heads=num_heads, head_dim=head_dim, d_ff=d_ff,
-                    num_layers=num_layers, vocab_size=vocab_size)
-
-
-# The paper's Tables 6 and 7, plus two CPU families whose S+S fuse to M and M+M to L, like
-# the paper's. `tiny-*` runs in seconds (tests); `cpu-*` is the largest that trains usefully
-# on a 2-core CPU in minutes (benchmarks, reproduction).
-PRESETS: dict[str, T5Config] = {
-    "table6-small": _preset(512, 6, 64, 1024, 8),
-    "table6-medium": _preset(1024, 12, 64, 2048, 8),
-    "table7-S": _preset(512, 6, 128, 1024, 8),
-    "table7-M": _preset(1024, 12, 128, 2048, 8),
-    "table7-L": _preset(2048, 24, 128, 4096, 8),
-    "tiny-S": _preset(32, 2, 16, 64, 2),
-    "tiny-M": _preset(64, 4, 16, 128, 2),
-    "tiny-L": _preset(128, 8, 16, 256, 2),
-    "cpu-S": _preset(128, 2, 64, 256, 4),
-    "cpu-M": _preset(256, 4, 64, 512, 4),
-    "cpu-L": _preset(512, 8, 64, 1024, 4),
-}

@@ -2,7 +2,7 @@
 Tasks, packed into numpy batches.
 
 The only module that starts TensorFlow (quietly, see `_quiet_tensorflow_startup`); what a plan
-needs without it lives beside: the config (`data_config`), vocabulary sizes (`vocab`), the
+needs without it lives beside: the config (`config`), vocabulary sizes (`vocab`), the
 checks that the data is there (`sources`) and the validation batch count (`eval_check`).
 The builtin source's validation split is every tenth topic of `pydoc_data.topics` by name; a C4
 line's "text" is decoded with TensorFlow ops. Preprocessing is `span_corruption.span_corruption`.
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from deepfusion_core import sources, vocab
-from deepfusion_core.data_config import (EVAL_SEED, EXTRA_IDS, TFDS_C4, DataConfig, DataError,
-                                         source_parts)
+from deepfusion_core.config import (EVAL_SEED, EXTRA_IDS, TFDS_C4, DataConfig, DataError,
+                                    source_parts)
 
 
 @contextlib.contextmanager

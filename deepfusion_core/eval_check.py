@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from deepfusion_core.data_config import DataConfig, DataError, source_parts
+from deepfusion_core.config import DataConfig, DataError, source_parts
 from deepfusion_core.sources import c4_pattern
 from deepfusion_core.vocab import sentencepiece_path
 
 # The modules whose code makes the validation batches: a change to one invalidates the cache.
-_READERS = ("data.py", "data_config.py", "sources.py", "span_corruption.py")
+_READERS = ("data.py", "config.py", "sources.py", "span_corruption.py")
 _COUNT = "__batches__"  # beside the feature arrays: how many batches the file holds
 
 

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from deepfusion_core.data_config import TFDS_C4, DataError, source_parts
+from deepfusion_core.config import TFDS_C4, DataError, source_parts
 
 SPLITS = ("train", "validation")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import seqio
 import tensorflow as tf
 
-from deepfusion_core.data_config import (MEAN_NOISE_SPAN_LENGTH, NOISE_DENSITY, DataError,
-                                         span_corruption_lengths)
+from deepfusion_core.config import (MEAN_NOISE_SPAN_LENGTH, NOISE_DENSITY, DataError,
+                                    span_corruption_lengths)
 
 
 def random_spans_noise_mask(length, noise_density, seeds, mean_noise_span_length=3.0):

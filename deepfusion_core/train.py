@@ -33,8 +33,7 @@ from tqdm import tqdm
 
 from deepfusion_core import data, disk, sharding, train_checkpoint, workdir_lock
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
-from deepfusion_core.data_config import DataConfig
-from deepfusion_core.config import T5Config, TrainConfig
+from deepfusion_core.config import DataConfig, T5Config, TrainConfig
 from deepfusion_core.eval_check import check_eval_batches, eval_batches
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.metrics import MetricsLog
@@ -82,14 +81,14 @@ def _all_agree_to_stop(stop: list[int]) -> bool:
     return bool(multihost_utils.process_allgather(np.int32(bool(stop))).any())
 
 
-def train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: str | Path,
+def train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: str | Path, seed: int,
           init: str | Path | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> dict | None:
     """Train (or resume training) in `workdir`; returns the summary record (None in all but
     the first process of a multi-process run).
 
     `init` names a model checkpoint (e.g. a fusion output) to start from: its params only,
-    with a fresh optimizer and schedule. Without it the params are initialised from tc.seed.
+    with a fresh optimizer and schedule. Without it the params are initialised from `seed`.
     A workdir that another process is writing is refused (`workdir_lock.LockedError`).
     """
     # SIGTERM/SIGINT are caught from the start: one that arrives while compiling or
@@ -103,10 +102,10 @@ def train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: str | Path,
         with (workdir_lock.hold(workdir, f"workdir {workdir}", wait=False, log=log,
                                 reenter=True)
               if jax.process_index() == 0 else nullcontext()):
-            return _train(cfg, tc, dc, workdir, mesh_shape, init, progress, log, stop)
+            return _train(cfg, tc, dc, workdir, seed, mesh_shape, init, progress, log, stop)
 
 
-def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path,
+def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path, seed: int,
            mesh_shape: tuple[int, int], init: str | Path | None, progress: bool,
            log: Callable[[str], None], stop: list[int]) -> dict | None:
     mesh = sharding.make_mesh(mesh_shape)
@@ -125,7 +124,7 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path,
         log(f"resuming {workdir} from step {ts['step']}")
     else:
         params = (sharding.put_global(load_model(init)[1], state_sh["params"])
-                  if init is not None else init_random(tc.seed))
+                  if init is not None else init_random(seed))
         state = init_state(params)
         ts = {"step": 0, "data_position": 0, "data_seed": dc.seed, "flops": 0, "tokens": 0,
               "wall_s": 0.0, "devices": mesh.size}

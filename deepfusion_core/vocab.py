@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from deepfusion_core.data_config import EXTRA_IDS, DataError, vocab_parts
+from deepfusion_core.config import EXTRA_IDS, DataError, vocab_parts
 
 BYTE_VOCAB_SIZE = 3 + 256 + EXTRA_IDS  # seqio.ByteVocabulary(extra_ids=EXTRA_IDS).vocab_size
 

@@ -23,8 +23,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-from deepfusion_core.config import T5Config, TrainConfig
-from deepfusion_core.data_config import DataConfig
+from deepfusion_core.config import DataConfig, T5Config, TrainConfig
 from deepfusion_core.flops import train_step_flops
 from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import parse_mesh
@@ -61,6 +60,7 @@ class TrainJob(_Job):
     size: str  # the stages file's size name (S, M, L)
     train: TrainConfig
     data: DataConfig
+    seed: int  # of the initial params (without `init`); the data's is `data.seed`
     init: Path | None = None  # a fuse node's model to start from
     processes: int = Field(default=1, gt=0)  # JAX processes of the node
     # A finished shorter run of this node (same config and parents, fewer steps), whose last
@@ -88,7 +88,9 @@ class TrainJob(_Job):
                             parse_mesh(tc.mesh) if tc.mesh else (1, 1), tc.optimizer, tc.remat)
 
     def node_record(self) -> dict:
-        return {**super().node_record(), "train": self.train.model_dump(mode="json"),
+        # The seed stays in the record's train settings, where node.json has always had it.
+        return {**super().node_record(),
+                "train": {**self.train.model_dump(mode="json"), "seed": self.seed},
                 "data": self.data.model_dump(mode="json")}
 
     def run(self, log: Log, progress: bool, primary: bool) -> dict | None:
@@ -106,8 +108,8 @@ class TrainJob(_Job):
                 log(f"{self.name}: extending {source.name} from its step {step}")
         if jax.process_count() > 1:  # the others must see the copy before they restore
             multihost_utils.sync_global_devices(f"extend {self.dir.name}")
-        return train(self.model, self.train, self.data, self.dir, init=self.init,
-                     progress=progress, log=log)
+        return train(self.model, self.train, self.data, self.dir, seed=self.seed,
+                     init=self.init, progress=progress, log=log)
 
 
 class FuseJob(_Job):

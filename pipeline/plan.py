@@ -21,11 +21,10 @@ from typing import Literal
 import pydantic
 
 from deepfusion_core import sources
-from deepfusion_core.data_config import DataConfig
 from deepfusion_core.errors import validation_lines
 from deepfusion_core.eval_check import check_eval_batches
 from deepfusion_core.vocab import vocab_size_for_model
-from deepfusion_core.config import PRESETS, T5Config, TrainConfig
+from deepfusion_core.config import PRESETS, DataConfig, T5Config, TrainConfig
 from deepfusion_core.fusion import FusionError, default_norm, fused_config
 from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import check_mesh_fits, parse_mesh
@@ -362,8 +361,7 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
                              f"{spec.train!r}: {diff}")
         model = model.model_copy(update={"dtype": declared.dtype})
     overrides = {k: v for k, v in spec.overrides.model_dump().items() if v is not None}
-    tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, seed=spec.seed,
-                     mesh=prof.mesh_for(spec.train))
+    tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, mesh=prof.mesh_for(spec.train))
     dc = DataConfig(**data_settings, seed=spec.seed)
     # Without a mesh every device is on data: the batch must split over them.
     mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (devices or 1, 1)
@@ -378,7 +376,7 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
                              f"devices on model")
     record = {"kind": "train", "model": model.model_dump(mode="json"), "init": parent_fps,
               # What is computed, by construction: the optimizer's fields and the seed.
-              "train": {**tc.optimizer_config.model_dump(mode="json"), "seed": tc.seed},
+              "train": {**tc.optimizer_config.model_dump(mode="json"), "seed": spec.seed},
               # The data as written in the file: a checkout's location is not part of it.
               "data": {**dc.model_dump(mode="json"), "source": prof.data.source,
                        "vocab": prof.data.vocab}}
@@ -387,7 +385,7 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
     return TrainJob(name=name, fingerprint=fp, dir=store.node_path(plan.root, name, fp),
                     model=model, parents={init.name: init.dir} if init else {},
                     spec=spec.model_dump(mode="json"), fingerprint_record=record,
-                    size=spec.train, train=tc, data=dc,
+                    size=spec.train, train=tc, data=dc, seed=spec.seed,
                     init=init.model_path if init else None, processes=prof.processes)
 
 

@@ -131,12 +131,34 @@ def test_fuse_does_not_create_missing_parent_directories(ckpts, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--seed", str(2**64)], "seed: Input should be less than or equal to 4294967295"),
     (["--vocab", "t5:/etc/hostname"], "is not a SentencePiece model"),
+    (["--grad-clip", "off"], "'off' is neither float nor none"),
 ])
 def test_train_refuses_bad_input_before_creating_the_workdir(tmp_path, args, message):
     result = invoke("train", "--model", "tiny-S", "--steps", "2", "--workdir", tmp_path / "w",
                     "--no-progress", *args)
     assert result.exit_code == 2 and message in result.output, result.output
+    assert result.output.strip().count("\n") == 0
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("args, grad_clip, keep_every", [
+    (["--grad-clip", "none", "--keep-every", "NONE"], None, None),
+    (["--grad-clip", "0.5", "--keep-every", "3"], 0.5, 3),
+    ([], 1.0, None),
+])
+def test_train_options_reach_the_configs_none_included(tmp_path, monkeypatch, args, grad_clip,
+                                                        keep_every):
+    # `none` (any case) turns off a setting that may be None; the seed is train()'s argument.
+    import deepfusion_core.train
+
+    seen = {}
+    monkeypatch.setattr(deepfusion_core.train, "train",
+                        lambda cfg, tc, dc, workdir, seed, **_: seen.update(tc=tc, dc=dc, seed=seed))
+    result = invoke("train", "--model", "tiny-S", "--steps", "2", "--workdir", tmp_path / "w",
+                    "--seed", "5", *args)
+    assert result.exit_code == 0, result.output
+    assert (seen["tc"].grad_clip, seen["tc"].keep_every) == (grad_clip, keep_every)
+    assert seen["seed"] == seen["dc"].seed == 5
 
 
 # ------------------------------------------------------------- every command's bad input

@@ -51,8 +51,8 @@ FIELDS = {
 
 def test_the_classes_split_what_is_computed_from_how_it_runs():
     assert set(TrainConfig.model_fields) == (set(OptimizerConfig.model_fields)
-                                             | set(ExecutionConfig.model_fields) | {"seed", "mesh"})
-    tc = TrainConfig(steps=5, learning_rate=0.5, save_every=2, mesh="data=1,model=1", seed=3)
+                                             | set(ExecutionConfig.model_fields) | {"mesh"})
+    tc = TrainConfig(steps=5, learning_rate=0.5, save_every=2, mesh="data=1,model=1")
     assert tc.optimizer_config == OptimizerConfig(steps=5, learning_rate=0.5)
 
 

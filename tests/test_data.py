@@ -13,7 +13,7 @@ import pydantic
 import pytest
 
 from deepfusion_core import data, eval_check, span_corruption
-from deepfusion_core.data_config import EXTRA_IDS, DataConfig, DataError, span_corruption_lengths
+from deepfusion_core.config import EXTRA_IDS, DataConfig, DataError, span_corruption_lengths
 from deepfusion_core.sources import check_source
 from deepfusion_core.vocab import check_model_vocab, vocab_size, vocab_size_for_model
 
@@ -169,7 +169,7 @@ def test_eval_batches_are_fixed_and_independent_of_the_training_seed():
 
 _READ_BACK = """
 import hashlib, sys
-from deepfusion_core.data_config import DataConfig
+from deepfusion_core.config import DataConfig
 from deepfusion_core.eval_check import eval_batches
 digest = hashlib.sha256()
 for batch in eval_batches(DataConfig(batch_size=4), 3):

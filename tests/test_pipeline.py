@@ -202,7 +202,7 @@ def test_replicas_add_copies_of_the_dag_with_offset_seeds_and_keep_replica_0(tmp
     assert tuple(three.nodes["L4@2"].parents) == ("L4f@2",)
     assert tuple(three.nodes["L4f@2"].parents) == ("M12@2", "M34@2")
     s1 = three.nodes["S1@2"]
-    assert s1.train.seed == s1.data.seed == 2011 and three.nodes["M12f@2"].seed == 2000
+    assert s1.seed == s1.data.seed == 2011 and three.nodes["M12f@2"].seed == 2000
     assert len({n.fingerprint for n in three.nodes.values()}) == len(three.nodes)
     assert three.ancestry("L2@1") == ["S1@1", "S2@1", "M12f@1", "M12@1", "L2f@1", "L2@1"]
 

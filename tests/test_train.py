@@ -16,9 +16,8 @@ from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
 from deepfusion_core import PRESETS, load_model
-from deepfusion_core.data_config import DataConfig
 from deepfusion_core.metrics import read_metrics
-from deepfusion_core.config import TrainConfig
+from deepfusion_core.config import DataConfig, TrainConfig
 from deepfusion_core.train import TrainingDiverged, train
 
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
@@ -56,7 +55,7 @@ def test_validation_loss_falls_on_c4(shared_data, tmp_path):
                     vocab=f"t5:{shared_data / 't5' / 'sentencepiece.model'}",
                     inputs_length=64, targets_length=16, batch_size=8)
     tc = TrainConfig(steps=100, eval_every=50, warmup_steps=10, save_every=100)
-    summary = train(cfg, tc, dc, tmp_path / "w", progress=False)
+    summary = train(cfg, tc, dc, tmp_path / "w", seed=0, progress=False)
     evals = train_records(tmp_path / "w", "eval")
     print("eval loss by step:", [(r["step"], round(r["eval_loss"], 3)) for r in evals],
           "accuracy:", round(summary["eval_accuracy"], 3))
@@ -167,7 +166,7 @@ def test_a_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
     dc = DataConfig(source="builtin", vocab="byte", inputs_length=32, targets_length=8,
                     batch_size=2)
     train(PRESETS["tiny-S"].model_copy(update={"vocab_size": 384}),
-          TrainConfig(steps=2, save_every=1, warmup_steps=1), dc, Path("w"), progress=False)
+          TrainConfig(steps=2, save_every=1, warmup_steps=1), dc, Path("w"), seed=0, progress=False)
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == ["1", "2"]
     assert load_model("w")[1] is not None
 
@@ -181,7 +180,7 @@ SMALL_TRAIN = TrainConfig(steps=6, save_every=2, eval_every=2, eval_batches=1, w
 def straight_run(tmp_path_factory):
     """An uninterrupted SMALL_TRAIN run, the reference the crash tests compare with."""
     workdir = tmp_path_factory.mktemp("straight") / "w"
-    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, workdir, progress=False)
+    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, workdir, seed=0, progress=False)
     return workdir
 
 
@@ -191,7 +190,7 @@ def test_a_non_finite_loss_fails_the_run_at_its_step_and_saves_nothing_of_it(tmp
     tc = TrainConfig(steps=12, save_every=1, warmup_steps=1, learning_rate=1e30,
                      grad_clip=None)
     with pytest.raises(TrainingDiverged, match=r"training diverged at step") as info:
-        train(PRESETS["tiny-S"], tc, SMALL_DATA, tmp_path / "w", progress=False)
+        train(PRESETS["tiny-S"], tc, SMALL_DATA, tmp_path / "w", seed=0, progress=False)
     failed_step = int(str(info.value).split("step ")[1].split(":")[0])
     records = read_metrics(tmp_path / "w" / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, failed_step))
@@ -219,9 +218,10 @@ def test_sigterm_right_after_a_regular_save_stops_cleanly_and_resumes_bit_identi
 
     monkeypatch.setattr(train_module.train_checkpoint, "save", save_then_sigterm)
     with pytest.raises(Preempted, match="at step 2"):
-        train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "stopped", progress=False)
+        train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "stopped", seed=0,
+              progress=False)
     monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
-    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "stopped", progress=False)
+    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "stopped", seed=0, progress=False)
     assert leaves_equal(load_model(tmp_path / "stopped")[1], load_model(straight_run)[1])
 
 
@@ -278,7 +278,7 @@ def test_sigterm_at_twenty_moments_always_checkpoints_and_resumes_bit_identicall
                                       args=(workdir, step, float(rng.uniform(0, 0.05)), done))
             thread.start()
         with pytest.raises(Preempted) as stopped:
-            train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, workdir, progress=False,
+            train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, workdir, seed=0, progress=False,
                   log=lambda _: None)
         done.set()
         stop = stopped.value.step
@@ -288,9 +288,9 @@ def test_sigterm_at_twenty_moments_always_checkpoints_and_resumes_bit_identicall
         assert max(steps) == stop == logged[-1], (seed, i, plan)
         stops.append(stop)
     plan.clear()
-    train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, workdir, progress=False)
+    train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, workdir, seed=0, progress=False)
     reference = tmp_path / "straight"
-    train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, reference, progress=False)
+    train(PRESETS["tiny-S"], STOP_TRAIN, SMALL_DATA, reference, seed=0, progress=False)
     assert stops[-1] < STOP_TRAIN.steps, stops
     assert leaves_equal(load_model(workdir)[1], load_model(reference)[1]), seed
     assert _metric_values(workdir) == _metric_values(reference), seed
@@ -325,7 +325,8 @@ def test_metrics_hold_each_record_once_after_a_crash(tmp_path, monkeypatch, cras
 
     monkeypatch.setattr(train_module.train_checkpoint, "save", crash_at_nth_save)
     with pytest.raises(SystemExit):
-        train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "crashed", progress=False)
+        train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "crashed", seed=0,
+              progress=False)
     monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
-    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "crashed", progress=False)
+    train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "crashed", seed=0, progress=False)
     assert _metric_values(tmp_path / "crashed") == _metric_values(straight_run)

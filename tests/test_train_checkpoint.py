@@ -13,9 +13,8 @@ import pytest
 
 from deepfusion_core import PRESETS, load_model
 from deepfusion_core.checkpoint import CheckpointError, save_model
-from deepfusion_core.data_config import DataConfig
 from deepfusion_core.metrics import read_metrics
-from deepfusion_core.config import TrainConfig
+from deepfusion_core.config import DataConfig, TrainConfig
 from deepfusion_core.train import train
 
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
@@ -30,7 +29,7 @@ TIMINGS = {"step_time_s", "tokens_per_s", "flops_per_s", "wall_s", "device_s", "
 def finished(tmp_path_factory):
     """A finished run (steps 4 and 6 kept), the one every fault case starts from."""
     workdir = tmp_path_factory.mktemp("finished") / "w"
-    train(CFG, TRAIN, DATA, workdir, progress=False)
+    train(CFG, TRAIN, DATA, workdir, seed=0, progress=False)
     return workdir
 
 
@@ -71,7 +70,7 @@ def test_a_bad_latest_step_is_moved_aside_and_retrained_bit_identically(finished
     shutil.copytree(finished, workdir)
     FAULTS[fault](workdir / "checkpoints" / "6")
     warnings = []
-    summary = train(CFG, TRAIN, DATA, workdir, progress=False, log=warnings.append)
+    summary = train(CFG, TRAIN, DATA, workdir, seed=0, progress=False, log=warnings.append)
 
     assert summary["first_step"] == 4
     assert any("checkpoint step 6" in w and "corrupt-checkpoints" in w for w in warnings), warnings
@@ -87,7 +86,7 @@ def test_every_step_bad_starts_over_and_still_ends_identical(finished, tmp_path)
     shutil.copytree(finished, workdir)
     for step in ("4", "6"):
         _random_bytes(workdir / "checkpoints" / step, "params")
-    summary = train(CFG, TRAIN, DATA, workdir, progress=False, log=lambda _: None)
+    summary = train(CFG, TRAIN, DATA, workdir, seed=0, progress=False, log=lambda _: None)
     assert summary["first_step"] == 0
     got, want = load_model(workdir)[1], load_model(finished)[1]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
@@ -98,7 +97,7 @@ def test_a_checkpoint_of_another_model_is_an_error_not_a_fallback(finished, tmp_
     shutil.copytree(finished, workdir)
     other = CFG.model_copy(update={"d_ff": CFG.d_ff * 2})
     with pytest.raises(CheckpointError, match="holds checkpoints of another model"):
-        train(other, TRAIN, DATA, workdir, progress=False)
+        train(other, TRAIN, DATA, workdir, seed=0, progress=False)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6"]
 
 
@@ -148,5 +147,5 @@ def test_a_killed_writers_unfinished_step_is_cleaned_up_on_resume(finished, tmp_
     # What a writer killed mid-save leaves: a step not yet renamed into place (one that the
     # resumed run does not save again, which would replace it).
     shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / "7.orbax-checkpoint-tmp")
-    train(CFG, TRAIN.model_copy(update={"steps": 8}), DATA, workdir, progress=False)
+    train(CFG, TRAIN.model_copy(update={"steps": 8}), DATA, workdir, seed=0, progress=False)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6", "8"]
