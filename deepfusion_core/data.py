@@ -191,11 +191,20 @@ def _options() -> tf.data.Options:
     return options
 
 
+def _get_dataset(task: seqio.Task, cfg: DataConfig, **kwargs) -> tf.data.Dataset:
+    """`task.get_dataset` with AutoGraph off while its preprocessors trace their map functions.
+
+    Converting their source took about 3 s of every node process's start, for tf ops that need
+    no conversion (the batches are identical: tests/test_data.py). Code that does need it
+    fails loudly without it; seqio's packing does, so the feature converter keeps it.
+    """
+    return tf.autograph.experimental.do_not_convert(task.get_dataset)(cfg.lengths, **kwargs)
+
+
 def _batches(cfg: DataConfig, split: str, shuffle: bool, seed: int,
              num_epochs: int | None) -> tf.data.Dataset:
     task = seqio.get_mixture_or_task(register_task(cfg))
-    ds = task.get_dataset(cfg.lengths, split=split, shuffle=shuffle, seed=seed,
-                          num_epochs=num_epochs)
+    ds = _get_dataset(task, cfg, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs)
     ds = seqio.EncDecFeatureConverter(pack=cfg.pack)(ds, cfg.lengths)
     return ds.batch(cfg.batch_size, drop_remainder=True).with_options(_options())
 
@@ -235,5 +244,5 @@ def span_corruption_examples(cfg: DataConfig, split: str = "validation",
     For inspecting and testing the preprocessing; span masks come from `cfg.seed`.
     """
     task = _task("deepfusion_span_corruption_inspect", cfg, keep_original=True)
-    ds = task.get_dataset(cfg.lengths, split=split, shuffle=False, seed=cfg.seed)
+    ds = _get_dataset(task, cfg, split=split, shuffle=False, seed=cfg.seed)
     return list(ds.take(num_examples).with_options(_options()).as_numpy_iterator())
