@@ -255,5 +255,6 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
 
 
 def _timings(result: dict) -> dict:
-    return {k: result[k] for k in ("run_wall_s", "process_wall_s", "slot_wait_s") if k in result}
+    return {k: result[k] for k in ("kind", "run_wall_s", "process_wall_s", "slot_wait_s")
+            if k in result}
 
