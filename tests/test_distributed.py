@@ -1,8 +1,8 @@
 """A train node as several JAX processes (jax.distributed on one machine, gloo collectives).
 
-Real processes throughout: `deepfusion train --processes 2` launches two JAX processes of
-4 CPU devices each, forming the same 8-device mesh as one process of 8 devices, and computing
-the same losses as one process of one device.
+Real processes throughout: `deepfusion run-node` of a profile with `processes: 2` launches two
+JAX processes of 4 CPU devices each, forming the same 8-device mesh as one process of 8
+devices, and computing the same losses as one process of one device.
 """
 
 import json
@@ -20,6 +20,8 @@ import pytest
 
 from deepfusion_core import load_model
 from deepfusion_core.metrics import read_metrics
+from deepfusion_core.train import train
+from pipeline.job import read_job
 
 DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -37,43 +39,63 @@ def losses(workdir):
             if r["kind"] == "train"]
 
 
-@pytest.mark.slow
-def test_two_processes_killed_and_resumed_compute_what_one_device_does(tmp_path):
-    # 16 steps, the kill at checkpoint 4: twelve steps from the end. The reference is one
-    # process of ONE device: the two processes' 8-device mesh, interrupted and resumed, must
-    # compute what no sharding at all computes.
-    train = ["train", "--steps", "16", "--save-every", "4", *ARGS]
-    one = deepfusion(*train, "--mesh", "data=1,model=1", "--workdir", tmp_path / "one",
-                     env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-    assert one.returncode == 0, one.stderr
+STAGES = """
+name: two-hosts
+default_profile: p
+profiles:
+  p:
+    models: {S: tiny-S, M: tiny-M, L: tiny-L}
+    data: {source: builtin, vocab: byte, inputs_length: 32, targets_length: 8, batch_size: 8}
+    train: {steps: 16, warmup_steps: 2, save_every: 4}
+    mesh: data=4,model=2
+    processes: 2
+nodes:
+  S1: {train: S, seed: 1}
+"""
 
-    # Kill -9 one of the two JAX processes once a checkpoint exists, mid-run.
-    crashed = tmp_path / "crashed"
-    launcher = subprocess.Popen([DEEPFUSION, *train, "--processes", "2", "--workdir", crashed],
+
+@pytest.mark.slow
+def test_a_two_process_node_killed_and_resumed_computes_what_one_device_does(tmp_path):
+    # `run-node` of a profile with `processes: 2` launches two JAX processes of 4 CPU devices
+    # each (one 8-device mesh). One of them is killed -9 once checkpoint 4 exists; the rerun
+    # resumes it. The reference is ONE device in this test's process: the interrupted
+    # 8-device run must compute what no sharding at all computes.
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(STAGES)
+    runs = tmp_path / "runs"
+    launcher = subprocess.Popen([DEEPFUSION, "run-node", "S1", stages, "--runs-dir", runs],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=EIGHT_DEVICES)
     deadline = time.time() + 240
-    while not (crashed / "checkpoints" / "4").exists():
+    while not list(runs.glob("two-hosts/nodes/S1-*/checkpoints/4")):
         assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
         time.sleep(0.05)
+    (node_dir,) = (runs / "two-hosts" / "nodes").iterdir()
     workers = psutil.Process(launcher.pid).children()
     assert len(workers) == 2
     workers[1].send_signal(signal.SIGKILL)
-    _, err = launcher.communicate(timeout=120)
+    launcher.communicate(timeout=120)
     assert launcher.returncode != 0  # the launcher stops the survivor and reports the failure
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert not (node_dir / "DONE").exists()
 
-    resumed = deepfusion(*train, "--processes", "2", "--workdir", crashed)
+    resumed = deepfusion("run-node", "S1", stages, "--runs-dir", runs)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    assert len(resumed.stdout.strip().splitlines()) == 1  # one summary, from process 0
+    assert len(resumed.stdout.strip().splitlines()) == 1  # one summary: only process 0 writes
     summary = json.loads(resumed.stdout)
-    assert 4 <= summary["first_step"] < 16 and summary["devices"] == 8
+    assert summary["node"] == "S1" and summary["devices"] == 8 and summary["step"] == 16
+    assert 4 <= summary["first_step"] < 16 and (node_dir / "DONE").exists()
+
+    job = read_job(node_dir)
+    one = tmp_path / "one"
+    train(job.model, job.train.model_copy(update={"mesh": "data=1,model=1"}), job.data, one,
+          seed=job.seed, progress=False, log=lambda _: None)
     # Float32 sums in another order across devices: equal within rounding, not in every bit
     # (bit-identical resume on one process: test_train).
-    np.testing.assert_allclose(losses(crashed), losses(tmp_path / "one"), rtol=0, atol=1e-5)
-    for got, want in zip(jax.tree.leaves(load_model(crashed)[1]),
-                         jax.tree.leaves(load_model(tmp_path / "one")[1])):
+    np.testing.assert_allclose(losses(node_dir), losses(one), rtol=0, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(load_model(node_dir)[1]),
+                         jax.tree.leaves(load_model(one)[1])):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
@@ -101,32 +123,3 @@ def test_a_coordinator_that_never_answers_times_out_with_a_clear_error(tmp_path)
         "(DEEPFUSION_COORDINATOR_TIMEOUT_S)"]
     assert time.monotonic() - start < 30  # the timeout, plus start-up; no hang
     assert not (tmp_path / "w").exists()
-
-
-STAGES = """
-name: two-hosts
-default_profile: p
-profiles:
-  p:
-    models: {S: tiny-S, M: tiny-M, L: tiny-L}
-    data: {source: builtin, vocab: byte, inputs_length: 32, targets_length: 8, batch_size: 8}
-    train: {steps: 4, warmup_steps: 2, save_every: 2}
-    mesh: data=4,model=2
-    processes: 2
-nodes:
-  S1: {train: S, seed: 1}
-"""
-
-
-@pytest.mark.slow
-def test_run_node_runs_a_train_node_as_the_profiles_processes(tmp_path):
-    stages = tmp_path / "stages.yaml"
-    stages.write_text(STAGES)
-    runs = tmp_path / "runs"
-    result = deepfusion("run-node", "S1", stages, "--runs-dir", runs)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)  # one summary: only process 0 writes the node's files
-    assert summary["node"] == "S1" and summary["devices"] == 8 and summary["step"] == 4
-    (node_dir,) = (runs / "two-hosts" / "nodes").iterdir()
-    assert (node_dir / "DONE").exists()
-    assert len(losses(node_dir)) == 4
