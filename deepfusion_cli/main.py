@@ -314,6 +314,8 @@ StagesArg = Annotated[Path, typer.Argument(help="The stages file.")]
 ProfileOpt = Annotated[Optional[str], typer.Option(help="Profile (default: the file's "
                                                         "default_profile).")]
 RunsOpt = Annotated[Path, typer.Option(help="Runs directory (the node store).")]
+NodesOpt = Annotated[Optional[list[str]], typer.Option(
+    help="Run only these nodes (and the ancestors they need).")]
 
 
 @app.command("plan")
@@ -376,8 +378,7 @@ def _compile_train_steps(plan) -> None:
 @app.command("run")
 def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
             runs_dir: RunsOpt = Path("runs"),
-            node: Annotated[Optional[list[str]], typer.Option(
-                help="Run only these nodes (and the ancestors they need).")] = None,
+            node: NodesOpt = None,
             progress: Annotated[bool, typer.Option(help="Progress bars.")] = True):
     """Run the DAG locally (no Prefect): every node not done, then the report."""
     from deepfusion_core.sharding import devices_here
@@ -452,8 +453,7 @@ def _run_job(job) -> None:
 @app.command("flow")
 def flow_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
              runs_dir: RunsOpt = Path("runs"),
-             node: Annotated[Optional[list[str]], typer.Option(
-                 help="Run only these nodes (and the ancestors they need).")] = None,
+             node: NodesOpt = None,
              force: Annotated[bool, typer.Option(help="Recompute even DONE nodes.")] = False):
     """Run the DAG as the Prefect flow `staged-growth` (a temporary local server unless
     PREFECT_API_URL points at one)."""
