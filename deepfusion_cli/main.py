@@ -328,7 +328,7 @@ def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
                                    "memory per device.")] = False):
     """Validate a stages file and show every node: state, model, parents, compute, memory per
     device."""
-    from deepfusion_core.sharding import devices_here
+    from deepfusion_core.distributed import devices_here
     from pipeline.plan import plan_records
 
     plan = _plan(stages, profile, runs_dir, devices=devices_here)
@@ -381,7 +381,7 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
             node: NodesOpt = None,
             progress: Annotated[bool, typer.Option(help="Progress bars.")] = True):
     """Run the DAG locally (no Prefect): every node not done, then the report."""
-    from deepfusion_core.sharding import devices_here
+    from deepfusion_core.distributed import devices_here
 
     # Every node trains in this process, whatever the profile's processes.
     plan = _plan(stages, profile, runs_dir, writes=True, devices=lambda _: devices_here(1))
@@ -409,7 +409,7 @@ def run_node_cmd(node: str, stages: StagesArg = STAGES_DEFAULT, profile: Profile
     one machine, or one per host where the cluster starts this command on every host with
     DEEPFUSION_DISTRIBUTED=auto (see deepfusion_core/distributed.py).
     """
-    from deepfusion_core.sharding import devices_here
+    from deepfusion_core.distributed import devices_here
 
     plan = _plan(stages, profile, runs_dir, writes=True, devices=devices_here)
     from pipeline.job import write_job

@@ -26,11 +26,14 @@ import signal
 import socket
 import subprocess
 import sys
+import hashlib
+import json
 import time
 from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
 
-import jax
-
+from deepfusion_core.eval_check import cache_dir
 from deepfusion_core.processes import spawn
 
 ENV_COORDINATOR = "DEEPFUSION_COORDINATOR"
@@ -57,6 +60,8 @@ def initialize_from_env() -> bool:
         coordinator = os.environ[ENV_COORDINATOR]
         n, pid = int(os.environ[ENV_NUM_PROCESSES]), int(os.environ[ENV_PROCESS_ID])
         if os.environ.get("JAX_PLATFORMS") == "cpu":  # set by launch_local
+            import jax  # here, not at the top: planning counts devices without JAX (below)
+
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             _keep_stdout_for_python()
         if pid != 0:  # process 0 hosts the coordinator; the others must reach it
@@ -96,6 +101,8 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
 
 
 def _initialize(coordinator: str, timeout: int, **kwargs) -> None:
+    import jax
+
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - JAX raises XlaRuntimeError/ValueError variants
@@ -108,6 +115,68 @@ def local_cpu_device_count(env: dict[str, str]) -> int:
     """CPU devices this machine is set to expose (XLA_FLAGS), 1 by default."""
     m = _DEVICE_COUNT_FLAG.search(env.get("XLA_FLAGS", ""))
     return int(m[1]) if m else 1
+
+
+def devices_here(processes: int) -> int | None:
+    """The devices a train node of `processes` JAX processes gets when started on this
+    machine; None where they cannot be counted before its processes join their group (a
+    cluster host, DEEPFUSION_DISTRIBUTED=auto).
+
+    One process: what JAX counts here, kept per boot and environment (`_counted_once`).
+    Several: `launch_local` splits this machine's CPU devices between them, counted from the
+    environment, since a process that is to join a group must not start its backend first.
+    """
+    env = dict(os.environ)
+    if env.get(ENV_AUTO) and processes > 1:
+        return None
+    if env.get(ENV_COORDINATOR):  # one of the launched processes, before joining
+        return processes * local_cpu_device_count(env)
+    if processes > 1:
+        return local_cpu_device_count(env)
+    return _counted_once()
+
+
+# Besides the hardware of this boot, what decides the devices a JAX process sees.
+_DEVICE_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_PLATFORM_NAME", "CUDA_VISIBLE_DEVICES",
+               "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+               "TPU_VISIBLE_CHIPS", "TPU_CHIPS_PER_PROCESS_BOUNDS", "TPU_PROCESS_BOUNDS")
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _counted_once() -> int:
+    """`jax.device_count()`, kept in the cache per boot, jax version and `_DEVICE_ENV`.
+
+    Counting imports JAX and starts its backend: 2 of a `deepfusion plan`'s 3 s, on every call.
+    A process that has imported JAX counts and keeps its count. A count that went stale without
+    a reboot (a device lost) misleads only the plan's checks: a train node checks its mesh
+    against the devices it starts with. Without a boot id (not Linux) nothing is kept; an
+    unreadable cache file is counted again.
+    """
+    try:
+        boot = _BOOT_ID.read_text().strip()
+    except OSError:
+        boot = None
+    key = json.dumps([boot, metadata.version("jax"), [os.environ.get(k) for k in _DEVICE_ENV]])
+    path = cache_dir() / f"devices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if boot is not None and "jax" not in sys.modules:  # with JAX here, counting is cheap
+        try:
+            devices = json.loads(path.read_text())["devices"]
+            if type(devices) is int and devices > 0:
+                return devices
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not counted yet, or unreadable: count again
+    import jax
+
+    devices = jax.device_count()
+    if boot is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps({"devices": devices}))
+            os.replace(partial, path)
+        except OSError:
+            pass  # a cache that cannot be written costs the next plan its count, no more
+    return devices
 
 
 def check_processes(processes: int, devices: int, batch_size: int) -> None:

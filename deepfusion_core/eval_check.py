@@ -36,8 +36,9 @@ def check_enough(cfg: DataConfig, found: int, num_batches: int) -> None:
                         f"{cfg.batch_size}, not {num_batches}")
 
 
-def _cache_dir() -> Path:
-    """Where batches are kept between processes: DEEPFUSION_CACHE_DIR, or the user's cache."""
+def cache_dir() -> Path:
+    """Where deepfusion keeps what it computed for later processes (validation batches, device
+    counts): DEEPFUSION_CACHE_DIR, or the user's cache."""
     if os.environ.get("DEEPFUSION_CACHE_DIR"):
         return Path(os.environ["DEEPFUSION_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepfusion"
@@ -68,7 +69,7 @@ def _cache_path(cfg: DataConfig, num_batches: int) -> Path | None:
         return None
     key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), num_batches, identity])
                          .encode()).hexdigest()[:16]
-    return _cache_dir() / f"validation-batches-{key}.npz"
+    return cache_dir() / f"validation-batches-{key}.npz"
 
 
 def _load(path: Path) -> list[dict[str, np.ndarray]] | None:

@@ -8,7 +8,6 @@ specs and the checks that need no devices live in `mesh_spec` (no JAX there).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deepfusion_core import distributed, mesh_spec
+from deepfusion_core import mesh_spec
 from deepfusion_core.config import T5Config
 from deepfusion_core.mesh_spec import MeshError, check_mesh_fits
 from deepfusion_core.model import param_axes
@@ -47,25 +46,6 @@ def check_mesh(shape: tuple[int, int], cfg: T5Config, batch_size: int,
         raise MeshError(f"mesh data={data},model={model} needs {data * model} devices, "
                         f"but {devices} are available")
     check_mesh_fits(shape, cfg, batch_size)
-
-
-def devices_here(processes: int) -> int | None:
-    """The devices a train node of `processes` JAX processes gets when started on this
-    machine; None where they cannot be counted before its processes join their group (a
-    cluster host, DEEPFUSION_DISTRIBUTED=auto).
-
-    One process: this process's devices (counting starts JAX's backend here). Several:
-    `launch_local` splits this machine's CPU devices between them, counted from the
-    environment, since a process that is to join a group must not start its backend first.
-    """
-    env = dict(os.environ)
-    if env.get(distributed.ENV_AUTO) and processes > 1:
-        return None
-    if env.get(distributed.ENV_COORDINATOR):  # one of the launched processes, before joining
-        return processes * distributed.local_cpu_device_count(env)
-    if processes > 1:
-        return distributed.local_cpu_device_count(env)
-    return jax.device_count()
 
 
 def make_mesh(shape: tuple[int, int]) -> Mesh:

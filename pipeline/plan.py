@@ -252,7 +252,7 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
     """Load, validate and resolve a stages file; `StagesError` lists every problem.
 
     Each mesh must use exactly the devices a train node gets: the profile's `devices`, or
-    else `devices(processes)` (`sharding.devices_here` for a plan to run here; None: not
+    else `devices(processes)` (`distributed.devices_here` for a plan to run here; None: not
     checked, e.g. in a flow, whose nodes check when they start). Each evaluation must find
     its batches in the validation split. A remote data source (the paper's TFDS bucket) is
     not read: `Plan.warnings` says so.

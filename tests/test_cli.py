@@ -304,15 +304,16 @@ try:
     app(sys.argv[1:])
 except SystemExit as e:
     code = e.code
-print(f"imported: {sorted(m for m in ('tensorflow', 'seqio', 'clu') if m in sys.modules)}")
+print(f"imported: {sorted(m for m in ('tensorflow', 'seqio', 'clu', 'jax') if m in sys.modules)}")
 sys.exit(code)
 """
 
 
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
-    """An environment whose cache holds the shipped file's validation-batch count: the first
-    plan counts the batches with the data pipeline (TensorFlow), once; later ones read it."""
+    """An environment whose cache holds the shipped file's validation-batch count and this
+    machine's device count: the first plan counts them with TensorFlow and JAX, once; later
+    ones read them."""
     env = {**os.environ, "DEEPFUSION_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
     subprocess.run([sys.executable, "-m", "deepfusion_cli.main", "plan", str(STAGES)], env=env,
                    check=True, capture_output=True, timeout=300)
@@ -320,7 +321,7 @@ def counted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["plan", "status", "--help"])
-def test_commands_that_read_no_data_never_import_tensorflow(command, counted, tmp_path):
+def test_commands_that_read_no_data_import_neither_tensorflow_nor_jax(command, counted, tmp_path):
     args = [command] if command == "--help" else [command, str(STAGES), "--runs-dir",
                                                    str(tmp_path / "runs")]
     result = subprocess.run([sys.executable, "-c", _IMPORTS_OF, *args], env=counted,

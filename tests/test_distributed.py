@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-from deepfusion_core import load_model
+from deepfusion_core import distributed, load_model
 from deepfusion_core.metrics import read_metrics
 from deepfusion_core.train import train
 from pipeline.job import read_job
@@ -123,3 +123,28 @@ def test_a_coordinator_that_never_answers_times_out_with_a_clear_error(tmp_path)
         "(DEEPFUSION_COORDINATOR_TIMEOUT_S)"]
     assert time.monotonic() - start < 30  # the timeout, plus start-up; no hang
     assert not (tmp_path / "w").exists()
+
+
+def test_the_device_count_is_kept_per_boot_and_environment(tmp_path):
+    # In fresh processes, as `deepfusion plan` counts: the first counts with JAX and keeps it.
+    def count(**env):
+        result = subprocess.run(
+            [sys.executable, "-c", "import sys; from deepfusion_core.distributed import "
+             "devices_here; print(devices_here(1), 'jax' in sys.modules)"],
+            env={**os.environ, "DEEPFUSION_CACHE_DIR": str(tmp_path), **env},
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        devices, jax_imported = result.stdout.split()
+        return int(devices), jax_imported == "True"
+
+    assert count() == (jax.device_count(), True)
+    (kept,) = tmp_path.iterdir()
+    assert json.loads(kept.read_text()) == {"devices": jax.device_count()}
+    kept.write_text('{"devices": 3}')  # read back, JAX never imported
+    assert count() == (3, False)
+    for bad in ('{"devices": 0}', '{"devices": true}', "\x00garbage"):
+        kept.write_text(bad)  # counted again and rewritten
+        assert count() == (jax.device_count(), True)
+        assert json.loads(kept.read_text()) == {"devices": jax.device_count()}
+    assert count(XLA_FLAGS="--xla_force_host_platform_device_count=8") == (8, True)
+    assert len(list(tmp_path.iterdir())) == 2  # another environment, an entry of its own

@@ -25,7 +25,7 @@ import yaml
 from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
-from deepfusion_core.sharding import devices_here
+from deepfusion_core.distributed import devices_here
 from pipeline.plan import build_plan
 from pipeline.spec import StagesError
 
