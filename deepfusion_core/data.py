@@ -3,7 +3,7 @@ Tasks, packed into numpy batches.
 
 The only module that starts TensorFlow (quietly, see `_quiet_tensorflow_startup`); what a plan
 needs without it lives beside: the config (`config`), vocabulary sizes (`vocab`), the
-checks that the data is there (`sources`) and the validation batch count (`eval_check`).
+checks that the data is there (`sources`) and the batches kept on disk (`batch_cache`).
 The builtin source's validation split is every tenth topic of `pydoc_data.topics` by name; a C4
 line's "text" is decoded with TensorFlow ops. Preprocessing is `span_corruption.span_corruption`.
 The order is a function of `DataConfig.seed` alone, so the number of batches consumed is all a
@@ -233,7 +233,7 @@ def _validation(cfg: DataConfig) -> tf.data.Dataset:
 def first_validation_batches(cfg: DataConfig, num_batches: int) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` batches of the validation split (fewer if it is smaller), made
     with seqio: unshuffled, span masks from a fixed seed (not `cfg.seed`). Evaluations read
-    them through `eval_check.eval_batches`, which keeps them on disk."""
+    them through `batch_cache`, which keeps them on disk."""
     return list(_validation(cfg).take(num_batches).as_numpy_iterator())
 
 

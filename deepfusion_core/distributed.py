@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from deepfusion_core.eval_check import cache_dir
+from deepfusion_core.cache import cache_dir, keep
 from deepfusion_core.processes import spawn
 
 ENV_COORDINATOR = "DEEPFUSION_COORDINATOR"
@@ -169,13 +169,7 @@ def _counted_once() -> int:
 
     devices = jax.device_count()
     if boot is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps({"devices": devices}))
-            os.replace(partial, path)
-        except OSError:
-            pass  # a cache that cannot be written costs the next plan its count, no more
+        keep(path, lambda partial: partial.write_text(json.dumps({"devices": devices})))
     return devices
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepfusion_core import data, disk, sharding, train_checkpoint, workdir_lock
+from deepfusion_core import batch_cache, disk, sharding, train_checkpoint, workdir_lock
 from deepfusion_core.checkpoint import CheckpointError, load_model, read_config
 from deepfusion_core.config import DataConfig, T5Config, TrainConfig
 from deepfusion_core.eval_check import check_eval_batches, eval_batches
@@ -62,7 +62,8 @@ def check_inputs(cfg: T5Config, tc: TrainConfig, dc: DataConfig,
     mesh_shape = sharding.parse_mesh(tc.mesh)
     sharding.check_mesh(mesh_shape, cfg, dc.batch_size)
     check_model_vocab(dc.vocab, cfg.vocab_size)
-    data.register_task(dc)  # checks that the source exists and holds documents
+    batch_cache.check_source(dc)
+    batch_cache.train_cache_bytes()  # DEEPFUSION_TRAIN_CACHE_MB, if set, is a size
     check_eval_batches(dc, tc.eval_batches)  # counted once, then cached
     if init is not None:
         init_cfg = read_config(init)
@@ -132,7 +133,8 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path, seed: 
     primary = jax.process_index() == 0  # the one writer of metrics; all processes checkpoint
     metrics = MetricsLog(workdir, first_step, enabled=primary)
     eval_set: list = []  # built at the first evaluation: a stopped run may need none
-    batches = data.train_batches(dc, start=ts["data_position"])
+    batches = batch_cache.train_batches(dc, start=ts["data_position"],
+                                        stop=ts["data_position"] + tc.steps - first_step)
     step_flops = train_step_flops(cfg, dc.batch_size, dc.inputs_length, dc.targets_length)
     schedule = learning_rate_schedule(tc)
     last_eval = None
