@@ -24,7 +24,7 @@ from deepfusion_core import sources
 from deepfusion_core.errors import validation_lines
 from deepfusion_core.eval_check import check_eval_batches
 from deepfusion_core.vocab import vocab_size_for_model
-from deepfusion_core.config import PRESETS, DataConfig, T5Config, TrainConfig
+from deepfusion_core.config import PRESETS, DataConfig, TrainConfig
 from deepfusion_core.fusion import FusionError, default_norm, fused_config
 from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import check_mesh_fits, parse_mesh

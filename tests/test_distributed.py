@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-from deepfusion_core import distributed, load_model
+from deepfusion_core import load_model
 from deepfusion_core.metrics import read_metrics
 from deepfusion_core.train import train
 from pipeline.job import read_job
