@@ -1,11 +1,11 @@
 """A full disk, recognised wherever it surfaces, and refused before a checkpoint is started.
 
 The writers of a training run report ENOSPC each their own way: Python as an OSError that
-often lacks the file (a failed `write`), TensorStore (Orbax's arrays) as a ValueError
-"RESOURCE_EXHAUSTED: Error writing local file "PATH" ... [os_error_code='28']", TensorFlow
-(TensorBoard's events) as a ResourceExhaustedError "PATH; No space left on device", wrapped by
-clu's asynchronous writer. `no_space` turns any of them, or an exception raised while handling
-one, into one `OSError(ENOSPC, ..., PATH)` naming the first file that could not be written.
+often lacks the file (a failed `write`; the metrics and TensorBoard files name theirs), and
+TensorStore (Orbax's arrays) as a ValueError "RESOURCE_EXHAUSTED: Error writing local file
+"PATH" ... [os_error_code='28']". `no_space` turns either, or an exception raised while
+handling one, into one `OSError(ENOSPC, ..., PATH)` naming the first file that could not be
+written.
 
 Orbax writes a checkpoint's arrays concurrently, from background threads. When the disk fills
 in the middle of a save, it raises the first failure in the caller (`wait_until_finished`, the
@@ -32,9 +32,8 @@ import warnings
 from pathlib import Path
 
 NO_SPACE = os.strerror(errno.ENOSPC)
-# How TensorStore and TensorFlow name the file they could not write.
-_WRITING = (re.compile(r'Error writing local file "([^"]+)"'),
-            re.compile(r"(/[^\s;'\"]+); " + NO_SPACE))
+# How TensorStore names the file it could not write.
+_WRITING = re.compile(r'Error writing local file "([^"]+)"')
 
 
 def _chain(e: BaseException | None) -> list[BaseException]:
@@ -55,8 +54,8 @@ def no_space(e: BaseException) -> OSError | None:
     for c in reversed(full):
         if isinstance(c, OSError) and c.filename:
             return c
-        if path := next((m[1] for pattern in _WRITING if (m := pattern.search(str(c)))), None):
-            return OSError(errno.ENOSPC, NO_SPACE, path)
+        if m := _WRITING.search(str(c)):
+            return OSError(errno.ENOSPC, NO_SPACE, m[1])
     return OSError(errno.ENOSPC, NO_SPACE) if full else None
 
 

@@ -10,6 +10,8 @@ over from step 0 drops everything: its step-0 evaluation is written again.)
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -92,19 +94,14 @@ class MetricsLog:
         self._logged: set[tuple] = set()  # (kind, step) of the step and eval records in the file
         if not enabled:
             return
-        from clu import metric_writers  # TensorFlow: only to write; reading needs neither
-
         kept = [r for r in read_metrics(self.path)  # nothing when the run starts over
                 if resumed_step > 0 and r["step"] <= resumed_step and r["kind"] != "summary"]
         self._logged = {(r.get("kind"), r.get("step")) for r in kept}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)  # atomic: a crash here leaves the old or the new file
-        self._file = self.path.open("a")
-        # Synchronous: a failed write (a full disk) raises here, in order, not in a writer
-        # thread that logs its traceback and raises it again at every later call.
-        self._tb = metric_writers.create_default_writer(
-            str(workdir / TENSORBOARD_DIR), just_logging=False, asynchronous=False)
+        self._file = self.path.open("ab")
+        self._tb = _EventFile(workdir / TENSORBOARD_DIR)
 
     def write(self, record: dict) -> None:
         """Append `record`, unless the file already has this step's record of its kind (an
@@ -113,11 +110,7 @@ class MetricsLog:
         if not self.enabled or (key[0] != "summary" and key in self._logged):
             return
         self._logged.add(key)
-        try:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-        except OSError as e:  # a failed write does not name its file
-            raise OSError(e.errno, e.strerror, str(self.path)) from e
+        _append(self._file, self.path, (json.dumps(record) + "\n").encode())
         scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
                    if k not in ("kind", "step") and isinstance(v, (int, float))}
         if "step" in record:
@@ -128,3 +121,45 @@ class MetricsLog:
             return
         self._file.close()
         self._tb.close()
+
+
+def _append(file, path: Path, data: bytes) -> None:
+    """Write and flush `data`: synchronous, so a failed write (a full disk) raises here, in
+    order, naming the file (an OSError from a write does not)."""
+    try:
+        file.write(data)
+        file.flush()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+class _EventFile:
+    """A TensorBoard event file of scalars, written without TensorFlow.
+
+    TensorFlow's writer (and clu's, around it) costs a node process about 6 s of start-up;
+    the format is TFRecord framing (TensorBoard's `RecordWriter`) around its `Event` protos.
+    """
+
+    def __init__(self, logdir: Path):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.path = logdir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
+        self._file = self.path.open("ab")
+        self._records = RecordWriter(self)  # its framing, written through `write` below
+        self._records.write(self._event(wall_time=time.time(),
+                                        file_version="brain.Event:2").SerializeToString())
+
+    def write(self, framed: bytes) -> None:
+        _append(self._file, self.path, framed)
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        values = [self._summary.Value(tag=tag, simple_value=value)
+                  for tag, value in scalars.items()]
+        self._records.write(self._event(wall_time=time.time(), step=step,
+                                        summary=self._summary(value=values)).SerializeToString())
+
+    def close(self) -> None:
+        self._file.close()

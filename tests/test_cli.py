@@ -268,6 +268,7 @@ def test_a_bug_keeps_its_traceback_and_input_errors_are_sorted_by_where_they_ari
 def test_a_full_disk_is_named_in_one_line():
     # /dev/full answers every write with ENOSPC, as a full file system does.
     from deepfusion_core.disk import describe, no_space
+    from deepfusion_core.metrics import _append
 
     def line(e):
         return describe(no_space(e))
@@ -285,12 +286,13 @@ def test_a_full_disk_is_named_in_one_line():
     except OSError as e:
         assert line(e) == ("disk full writing /runs/x/checkpoints/4/params: "
                            "[Errno 28] No space left on device")
-    # As TensorStore (Orbax's arrays) and TensorFlow (TensorBoard) say it.
+    # As TensorStore (Orbax's arrays) says it, and the metrics and TensorBoard files.
     assert line(ValueError('RESOURCE_EXHAUSTED: Error writing local file "/r/4/_sharding": '
                            "No space left on device [os_error_code='28']")) == (
         "disk full writing /r/4/_sharding: [Errno 28] No space left on device")
-    assert line(RuntimeError("/r/tb/events.out; No space left on device\n\tFailed to flush")) == (
-        "disk full writing /r/tb/events.out: [Errno 28] No space left on device")
+    with open("/dev/full", "ab") as f, pytest.raises(OSError) as info:
+        _append(f, Path("/r/tb/events.out"), b"x" * 10_000)
+    assert line(info.value) == "disk full writing /r/tb/events.out: [Errno 28] No space left on device"
     assert no_space(ValueError("no")) is None
 
 
