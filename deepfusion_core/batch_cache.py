@@ -25,6 +25,7 @@ import importlib.metadata
 import itertools
 import json
 import os
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,20 +143,49 @@ def batch_bytes(cfg: DataConfig) -> int:
     return 4 * cfg.batch_size * (inputs * cfg.inputs_length + targets * cfg.targets_length)
 
 
+def _train_path(cfg: DataConfig, stop: int) -> Path | None:
+    """Where the first `stop` training batches are kept; None if they are not (over the size
+    limit, or a TFDS source)."""
+    return _path("train", cfg, "train") if stop * batch_bytes(cfg) <= train_cache_bytes() else None
+
+
+def _make_train(cfg: DataConfig, stop: int, path: Path) -> list[dict[str, np.ndarray]]:
+    from deepfusion_core import data  # TensorFlow and seqio: only when not kept
+
+    batches = list(itertools.islice(data.train_batches(cfg), stop))
+    _save(path, batches)
+    return batches
+
+
 def train_batches(cfg: DataConfig, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
     """Batches `start` to `stop - 1` of the training stream `cfg.seed` fixes (shuffled and
     repeated), the same whether kept or streamed: `start` is the checkpointed data position."""
     if not 0 <= start <= stop:
         raise DataError(f"training batches {start} to {stop} are not a range")
-    path = (_path("train", cfg, "train") if stop * batch_bytes(cfg) <= train_cache_bytes()
-            else None)
+    path = _train_path(cfg, stop)
     kept = _load(path) if path is not None else None
     if kept is not None and kept[0] >= stop:
         return itertools.islice(_unstack(*kept, start=start), stop - start)
-    from deepfusion_core import data  # TensorFlow and seqio: only when not kept
+    if path is not None:
+        return iter(_make_train(cfg, stop, path)[start:])
+    from deepfusion_core import data
 
-    if path is None:
-        return itertools.islice(data.train_batches(cfg, start=start), stop - start)
-    batches = list(itertools.islice(data.train_batches(cfg), stop))
-    _save(path, batches)
-    return iter(batches[start:])
+    return itertools.islice(data.train_batches(cfg, start=start), stop - start)
+
+
+_MAKING = threading.Lock()  # seqio's task registry is not safe to fill from two threads
+
+
+def keep_train_batches(cfg: DataConfig, stop: int) -> bool:
+    """Make the first `stop` training batches and keep them, unless they are kept already;
+    whether they are kept (False over the size limit). For a process that outlives the nodes
+    it schedules: it starts TensorFlow once for all of them, and each node's own process
+    then reads its batches without it. Safe from several threads."""
+    with _MAKING:
+        path = _train_path(cfg, stop)
+        if path is None:
+            return False
+        kept = _load(path)
+        if kept is None or kept[0] < stop:
+            _make_train(cfg, stop, path)
+        return True

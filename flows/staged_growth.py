@@ -157,6 +157,7 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
         progress_id = create_progress_artifact(
             0.0, key=artifact_key(job.name, "progress"),
             description=f"{job.name}: training {job.model.describe()} for {job.train.steps} steps")
+        job.prepare_batches(logger.warning)  # while other nodes compute: no TF in the node
     waiting = time.perf_counter()
     with nodes.slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
         slot_wait_s = time.perf_counter() - waiting

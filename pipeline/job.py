@@ -93,6 +93,18 @@ class TrainJob(_Job):
                 "train": {**self.train.model_dump(mode="json"), "seed": self.seed},
                 "data": self.data.model_dump(mode="json")}
 
+    def prepare_batches(self, log: Log) -> None:
+        """Make and keep the batches this node trains on (a small run's only: see
+        `batch_cache`), so that its own process starts without TensorFlow. A scheduler whose
+        process outlives its nodes calls this while the node waits for its turn. Where it
+        fails, the node makes them itself and reports what is wrong."""
+        from deepfusion_core.batch_cache import keep_train_batches
+
+        try:
+            keep_train_batches(self.data, self.train.steps)  # from data position 0, always
+        except Exception as e:  # noqa: BLE001 - the node's own run reports it, in its place
+            log(f"{self.name}: its batches were not made ahead ({type(e).__name__}: {e})")
+
     def run(self, log: Log, progress: bool, primary: bool) -> dict | None:
         """Train (resuming its checkpoints); the summary (None in all but the first process)."""
         import jax

@@ -5,6 +5,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -134,3 +135,20 @@ def test_batch_bytes_counts_every_feature_unpacked_too():
     assert sum(v.nbytes for v in batch.values()) == batch_cache.batch_bytes(unpacked)
     batch = next(data.train_batches(TINY))
     assert sum(v.nbytes for v in batch.values()) == batch_cache.batch_bytes(TINY)
+
+
+def test_batches_kept_ahead_from_several_threads_are_the_stream(cache, monkeypatch):
+    # As a flow process keeps each node's batches while others compute: the same config from
+    # two threads and another config beside them.
+    other = TINY.model_copy(update={"seed": 5})
+    kept = []
+    threads = [threading.Thread(target=lambda cfg=cfg: kept.append(
+        batch_cache.keep_train_batches(cfg, 8))) for cfg in (TINY, TINY, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert kept == [True] * 3 and len(list(cache.glob("train-batches-*.npz"))) == 2
+    assert _read_back("train", cache) == [_digest(take(data.train_batches(TINY), 8)[3:]), "[]"]
+    monkeypatch.setenv("DEEPFUSION_TRAIN_CACHE_MB", "0")
+    assert not batch_cache.keep_train_batches(TINY, 8)

@@ -1,5 +1,6 @@
 """Node jobs (pipeline/job.py): a node's process runs its job.json alone, never the stages
-file; a fuse node's process never imports TensorFlow."""
+file; a fuse node's process never imports TensorFlow, nor does a train node's whose batches
+were made ahead."""
 
 import json
 import subprocess
@@ -68,8 +69,10 @@ def test_node_processes_run_their_jobs_without_the_stages_file(plan):
     assert early.returncode == 2 and "its parents are not done: S1" in early.stderr
     assert not Workdir(fused.dir).is_done()
 
+    s1.prepare_batches(log=pytest.fail)  # as the flow does while the node waits for its turn
     trained = run_job_process(s1.dir)
     assert trained.returncode == 0, trained.stderr
+    assert "imported: []" in trained.stdout  # its batches were made ahead: no TensorFlow
     assert json.loads(trained.stdout.splitlines()[0])["step"] == 2
     assert Workdir(s1.dir).latest_checkpoint_step() == 2
 
@@ -78,3 +81,13 @@ def test_node_processes_run_their_jobs_without_the_stages_file(plan):
     assert "imported: []" in done.stdout  # a fuse node reads no data: no TensorFlow
     assert Workdir(fused.dir).done_record().node == "M11f"
     assert (fused.dir / "model").is_dir()
+
+
+def test_batches_that_cannot_be_made_ahead_are_left_to_the_node(plan, tmp_path):
+    job = plan.job("S2")
+    gone = job.model_copy(update={"data": job.data.model_copy(
+        update={"source": f"c4:{tmp_path / 'gone'}"})})
+    said = []
+    gone.prepare_batches(log=said.append)
+    assert len(said) == 1 and said[0].startswith("S2: its batches were not made ahead "
+                                                 "(DataError: C4 directory ")
