@@ -10,7 +10,7 @@ import numpy as np
 import pydantic
 import pytest
 
-from deepfusion_core import data, eval_check, span_corruption
+from deepfusion_core import batch_cache, data, eval_check, span_corruption
 from deepfusion_core.config import EXTRA_IDS, DataConfig, DataError, span_corruption_lengths
 from deepfusion_core.sources import check_source
 from deepfusion_core.vocab import check_model_vocab, vocab_size, vocab_size_for_model
@@ -269,6 +269,7 @@ def test_planning_again_starts_neither_tensorflow_nor_seqio(shared_data, tmp_pat
     from pipeline.plan import build_plan
 
     monkeypatch.setenv("DEEPFUSION_CACHE_DIR", str(tmp_path / "cache"))
+    batch_cache._validation.cache_clear()  # batches this process holds are kept there again
     plans = [(str(REPO / "stages.yaml"), None), (str(REPO / "stages.yaml"), "c4-tiny")]
     for stages, profile in plans:  # counts the validation batches: the cache is filled
         build_plan(stages, profile, tmp_path / "runs")
