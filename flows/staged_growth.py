@@ -152,12 +152,14 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
     if here.is_done():
         return Completed(name="Cached", message=f"{job.name} is DONE in {job.dir}",
                          data=here.done_record().to_json())
-    progress_id = None
+    progress_id, batches_ahead_s = None, 0.0
     if isinstance(job, TrainJob):
         progress_id = create_progress_artifact(
             0.0, key=artifact_key(job.name, "progress"),
             description=f"{job.name}: training {job.model.describe()} for {job.train.steps} steps")
-        job.prepare_batches(logger.warning)  # while other nodes compute: no TF in the node
+        ahead = time.perf_counter()
+        job.prepare_batches(logger.warning)  # while others compute: no TensorFlow in the node
+        batches_ahead_s = time.perf_counter() - ahead
     waiting = time.perf_counter()
     with nodes.slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
         slot_wait_s = time.perf_counter() - waiting
@@ -197,7 +199,8 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
     create_table_artifact([{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}],
                           key=artifact_key(job.name, "metrics"),
                           description=f"{job.name} ({job.kind}) final metrics, {job.dir}")
-    return {**summary, "process_wall_s": process_wall_s, "slot_wait_s": slot_wait_s}
+    return {**summary, "process_wall_s": process_wall_s, "slot_wait_s": slot_wait_s,
+            "batches_ahead_s": batches_ahead_s}
 
 
 @flow(name="staged-growth", log_prints=True)
@@ -256,6 +259,6 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
 
 
 def _timings(result: dict) -> dict:
-    return {k: result[k] for k in ("kind", "run_wall_s", "process_wall_s", "slot_wait_s")
-            if k in result}
+    return {k: result[k] for k in ("kind", "run_wall_s", "process_wall_s", "slot_wait_s",
+                                   "batches_ahead_s") if k in result}
 

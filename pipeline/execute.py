@@ -14,6 +14,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -23,8 +24,10 @@ from deepfusion_core import disk, workdir_lock
 from deepfusion_core.preemption import Preempted
 from pipeline import store
 from pipeline.job import FuseJob, TrainJob
-from pipeline.plan import Plan
 from pipeline.workdir import NodeSummary, Workdir
+
+if TYPE_CHECKING:  # a node process runs one job: the plan's modules are not its to import
+    from pipeline.plan import Plan
 
 Log = Callable[[str], None]
 Job = TrainJob | FuseJob
