@@ -36,15 +36,18 @@ from deepfusion_core.config import T5Config
 from deepfusion_core.model import Params, param_shapes
 
 
-class _NoOcdbtMergeNotice(logging.Filter):
-    """Orbax 0.12 tries to merge OCDBT files after every save, OCDBT or not, and warns twice
-    per checkpoint that there was nothing to merge."""
+class _NoRoutineOrbaxNotices(logging.Filter):
+    """Orbax 0.12 warns of routine events: that there was no OCDBT file to merge (twice per
+    checkpoint) and that a save waits for the previous one (with saves every few steps)."""
+
+    _ROUTINE = ("Skipping merge of OCDBT checkpoints", "Waiting for previous save to complete")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+        message = record.getMessage()
+        return not any(notice in message for notice in self._ROUTINE)
 
 
-logging.getLogger("absl").addFilter(_NoOcdbtMergeNotice())
+logging.getLogger("absl").addFilter(_NoRoutineOrbaxNotices())
 disk.quiet_abandoned_writes()  # a disk full mid-save: one error, not one per write in flight
 
 

@@ -222,6 +222,9 @@ class ExecutionConfig(_Config):
     keep_last: int = Field(default=2, gt=0, description="Checkpoints kept (the newest).")
     keep_every: int | None = Field(default=None, gt=0, description="Also keep every K-th "
                                                                    "step's checkpoint.")
+    log_every: int | None = Field(default=None, gt=0, description="Without a progress bar, "
+                                  "log a line every K steps (default: a tenth of the steps), "
+                                  "and at least every 30 s.")
 
 
 class TrainConfig(OptimizerConfig, ExecutionConfig):

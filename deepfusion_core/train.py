@@ -45,6 +45,15 @@ class TrainingDiverged(ValueError):
     """A step's loss or gradient norm was not finite; nothing of that step was saved."""
 
 
+PROGRESS_EVERY_S = 30.0  # without a progress bar, a line at least this often
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def evaluate(eval_step, params, batches, put) -> dict:
     """Mean token loss, the summed loss per target sequence (T5X's `loss`), token accuracy."""
     totals = {"nll": 0.0, "correct": 0.0, "tokens": 0.0}
@@ -138,6 +147,12 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path, seed: 
     step_flops = train_step_flops(cfg, dc.batch_size, dc.inputs_length, dc.targets_length)
     schedule = learning_rate_schedule(tc)
     last_eval = None
+    bar = tqdm(total=tc.steps, initial=first_step, disable=not (progress and primary), unit="step",
+               desc=workdir.name, dynamic_ncols=True)
+    # Without the bar (a pipeline node, a log file), progress goes to `log` as lines.
+    lines = primary and bar.disable
+    log_every = tc.log_every or max(1, tc.steps // 10)
+    loop_start = last_line = time.perf_counter()
 
     def run_eval():
         nonlocal last_eval
@@ -145,16 +160,29 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path, seed: 
         last_eval = {"kind": "eval", "step": ts["step"],
                      **evaluate(eval_step, state["params"], eval_set, put)}
         metrics.write(last_eval)
+        if lines:
+            log(f"eval at step {ts['step']}: loss {last_eval['eval_loss']:.4f} (summed per "
+                f"sequence {last_eval['eval_loss_sum']:.2f}), accuracy "
+                f"{last_eval['eval_accuracy']:.4f}")
 
-    bar = tqdm(total=tc.steps, initial=first_step, disable=not (progress and primary), unit="step",
-               desc=workdir.name, dynamic_ncols=True)
+    def log_progress(loss: float, tokens_per_s: float) -> None:
+        nonlocal last_line
+        now = time.perf_counter()
+        if not lines or not (ts["step"] % log_every == 0 or ts["step"] == tc.steps
+                             or now - last_line >= PROGRESS_EVERY_S):
+            return
+        eta = (now - loop_start) / (ts["step"] - first_step) * (tc.steps - ts["step"])
+        log(f"step {ts['step']}/{tc.steps}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
+            f"ETA {_duration(eta)}")
+        last_line = now
+
     finished = False
     try:
         if ts["step"] == 0 and tc.eval_every and not stop:
             run_eval()  # the starting point of every learning curve
         stopping = False
         while ts["step"] < tc.steps and not (stopping := _all_agree_to_stop(stop)):
-            loop_start = time.perf_counter()
+            step_loop_start = time.perf_counter()
             batch = next(batches)
             step_start = time.perf_counter()
             state, out = train_step(state, put(batch))
@@ -180,11 +208,14 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path, seed: 
                            "lr": float(schedule(ts["step"] - 1)), "step_time_s": step_time,
                            "tokens_per_s": tokens / step_time,
                            "flops_per_s": step_flops / step_time})
+            log_progress(loss, tokens / step_time)
             if tc.eval_every and ts["step"] % tc.eval_every == 0:
                 run_eval()
-            ts["wall_s"] += time.perf_counter() - loop_start
+            ts["wall_s"] += time.perf_counter() - step_loop_start
             if ts["step"] % tc.save_every == 0:
                 train_checkpoint.save(manager, ts["step"], cfg, state, dict(ts))
+                if lines:
+                    log(f"saving the checkpoint of step {ts['step']}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_time:,.0f}")
         if stopping:
@@ -193,6 +224,8 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path, seed: 
             if manager.latest_step() != ts["step"]:
                 train_checkpoint.save(manager, ts["step"], cfg, state, dict(ts), force=True)
                 manager.wait_until_finished()
+            if lines:
+                log(f"stopped at step {ts['step']}, checkpoint saved")
             raise Preempted(ts["step"], stop[0] if stop else signal.SIGTERM)
         if last_eval is None or last_eval["step"] != ts["step"]:
             run_eval()

@@ -1,6 +1,7 @@
 """The training loop on the real C4 sample: learning, resume, crashes, sharding, bad input."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -332,3 +333,29 @@ def test_metrics_hold_each_record_once_after_a_crash(tmp_path, monkeypatch, cras
     monkeypatch.setattr(train_module.train_checkpoint, "save", real_save)
     train(PRESETS["tiny-S"], SMALL_TRAIN, SMALL_DATA, tmp_path / "crashed", seed=0, progress=False)
     assert _metric_values(tmp_path / "crashed") == _metric_values(straight_run)
+
+
+def test_without_a_bar_progress_is_logged_as_lines(tmp_path):
+    said = []
+    tc = SMALL_TRAIN.model_copy(update={"log_every": 3})
+    train(PRESETS["tiny-S"], tc, SMALL_DATA, tmp_path / "w", seed=0, progress=False,
+          log=said.append)
+    number = r"\d+\.\d{4}"
+    eval_line = rf"eval at step (\d+): loss {number} \(summed per sequence \d+\.\d\d\), " \
+                rf"accuracy {number}"
+    step_line = rf"step (\d+)/6: loss {number}, [\d,]+ tokens/s, ETA (\d+h)?(\d+m)?\d+s"
+    kinds = []
+    for line in said:
+        for kind, pattern in (("eval", eval_line), ("step", step_line),
+                              ("save", r"saving the checkpoint of step (\d+)")):
+            if match := re.fullmatch(pattern, line):
+                kinds.append((kind, int(match[1])))
+                break
+        else:
+            pytest.fail(f"unexpected line {line!r}")
+    assert kinds == [("eval", 0), ("eval", 2), ("save", 2), ("step", 3), ("eval", 4),
+                     ("save", 4), ("step", 6), ("eval", 6), ("save", 6)]
+    said.clear()  # with a progress bar, no lines: the bar shows them
+    train(PRESETS["tiny-S"], tc.model_copy(update={"steps": 8}), SMALL_DATA, tmp_path / "w",
+          seed=0, progress=True, log=said.append)
+    assert said == [f"resuming {tmp_path / 'w'} from step 6"]
