@@ -17,6 +17,7 @@ as an orphan. A node whose flow process dies gets SIGTERM from the kernel (PR_SE
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -27,19 +28,22 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (create_image_artifact, create_markdown_artifact,
+                               create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed
 
 from deepfusion_core.metrics import TrainRecord
 from deepfusion_core.processes import spawn
 from pipeline.job import FuseJob, TrainJob, write_job
 from pipeline.plan import build_plan
+from pipeline.spec import load_stages
 from pipeline.report import write_report
 from pipeline.workdir import Workdir
 
@@ -196,22 +200,48 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
     summary = here.done_record().to_json()
     if progress_id is not None:
         update_progress_artifact(progress_id, 100.0)
-    create_table_artifact([{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}],
+    create_table_artifact([here.done_record().display_row()],
                           key=artifact_key(job.name, "metrics"),
-                          description=f"{job.name} ({job.kind}) final metrics, {job.dir}")
+                          description=f"{job.name} ({job.kind}): its final metrics; its "
+                                      f"directory is [{job.dir}](file://{job.dir})")
     return {**summary, "process_wall_s": process_wall_s, "slot_wait_s": slot_wait_s,
             "batches_ahead_s": batches_ahead_s}
 
 
-@flow(name="staged-growth", log_prints=True)
+def _run_name() -> str:
+    """`PIPELINE/PROFILE/TIME` for a flow run, e.g. `six-settings/tiny/2026-12-07 14:05:09`:
+    which stages file and profile a run is, in the UI's run list (a file that does not load
+    is named by its path; the run then fails with its problems)."""
+    parameters = flow_run.parameters
+    name, profile = Path(parameters.get("stages", "stages.yaml")).name, parameters.get("profile")
+    try:
+        stages = load_stages(parameters.get("stages", "stages.yaml"))
+        name, profile = stages.name, profile or stages.default_profile
+    except (OSError, ValueError):
+        pass
+    return f"{name}/{profile or 'default'}/{time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+
+@flow(name="staged-growth", log_prints=True, flow_run_name=_run_name)
 def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
                   nodes: list[str] | None = None, force: bool = False, runs_dir: str = "runs",
                   retries: int = 0, accelerator_slots: int = 1) -> dict:
-    """Run the staged-growth DAG of `stages` at `profile` (default: the file's default).
+    """Run the staged-growth DAG of a stages file, one task per node, then its report.
 
-    nodes: run only these (and the ancestors they need); force: recompute them (or all)
-    even if DONE; retries: per-node task retries; accelerator_slots: created size of the
-    `accelerator` concurrency limit when the server has none yet.
+    Args:
+        stages: The stages file (a path on the worker's machine, relative to the deployment's
+            directory): the DAG, its profiles and the paper's figures.
+        profile: The profile to run (sizes, data, steps), one the file defines: smoke, tiny,
+            c4-tiny, c4-cpu, small, paper and paper-8gpu in the shipped stages.yaml. Empty:
+            the file's default_profile.
+        nodes: Run only these nodes and the ancestors they need (empty: the whole DAG).
+        force: Recompute the nodes to run (all, or `nodes`) even where they are done; their
+            old directories are set aside, not deleted.
+        runs_dir: The node store: every node's directory, the reports and the XLA cache.
+        retries: How often a failed node's task is retried; a retry resumes the node from its
+            last checkpoint.
+        accelerator_slots: How many nodes compute at once: the size of the global concurrency
+            limit `accelerator`, when the server does not have it yet.
     """
     stages = str(Path(stages).resolve())
     runs_dir = str(Path(runs_dir).resolve())
@@ -251,6 +281,13 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     links = "\n".join(f"- {k}: `{report[k]}`" for k in ("markdown", "csv", "plot"))
     create_markdown_artifact(Path(report["markdown"]).read_text() + "\nFiles:\n" + links,
                              key=artifact_key(plan.stages.name, "report", "md"))
+    # The plot itself, not its path: the server holds it (a data URL), so the UI shows it to
+    # a reader on another machine than the worker's.
+    png = base64.b64encode(Path(report["plot"]).read_bytes()).decode()
+    create_image_artifact(f"data:image/png;base64,{png}",
+                          key=artifact_key(plan.stages.name, "curves"),
+                          description=f"{plan.stages.name} at {plan.profile}: accuracy and loss "
+                                      f"against compute ({report['plot']})")
     failed = [n for n, s in states.items() if not s.is_completed()]
     if failed:
         raise RuntimeError(f"nodes not completed: {', '.join(failed)}")

@@ -61,6 +61,21 @@ class NodeSummary(BaseModel):
         fields, as before)."""
         return self.model_dump(mode="json", exclude_none=True)
 
+    def display_row(self) -> dict[str, str | int | float | None]:
+        """The node's totals as a person reads them in a table (the UI's metrics artifact):
+        at most eight columns, in reading order, to the digits that matter."""
+        def rounded(value: float | None, digits: int) -> float | None:
+            return None if value is None else round(value, digits)
+
+        row: dict[str, str | int | float | None] = {"node": self.node, "kind": self.kind}
+        if self.kind == "train":
+            row.update({"step": self.step,
+                        "accuracy %": rounded(self.eval_accuracy and 100 * self.eval_accuracy, 2),
+                        "loss": rounded(self.eval_loss, 4),
+                        "loss per sequence": rounded(self.eval_loss_sum, 2)})
+        row.update({"FLOPs": f"{self.flops:.3g}", "wall s": round(self.run_wall_s, 1)})
+        return row
+
 
 @dataclass(frozen=True)
 class Workdir:

@@ -91,6 +91,13 @@ def api_post(prefect, path, body):
     return response.json()
 
 
+def run_artifact(prefect, run_id, key) -> dict:
+    """The artifact `key` of flow run `run_id`, as the API stores it."""
+    [artifact] = api_post(prefect, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}},
+                                                         "flow_runs": {"id": {"any_": [run_id]}}})
+    return artifact
+
+
 def flow_run(prefect, run_id):
     return httpx.get(f"{prefect['api']}/flow_runs/{run_id}", timeout=30).json()
 
@@ -213,6 +220,17 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     assert set(tasks) == wanted
     assert {t["state_type"] for t in tasks.values()} == {"COMPLETED"}
     assert "size:S" in tasks["S1"]["tags"] and "train" in tasks["S1"]["tags"]
+    # The run says which pipeline and profile it is; its deployment explains its form.
+    assert re.fullmatch(r"six-settings/smoke/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", run["name"])
+    deployment = httpx.get(f"{prefect['api']}/deployments/{run['deployment_id']}",
+                           timeout=30).json()
+    assert {"six-settings", "smoke"} <= set(deployment["tags"]) and run["parameters"]["retries"] == 1
+    form = deployment["parameter_openapi_schema"]["properties"]
+    assert form.keys() == {"stages", "profile", "nodes", "force", "runs_dir", "retries",
+                           "accelerator_slots"}
+    assert all(len(field.get("description", "")) > 20 for field in form.values()), form
+    shipped = yaml.safe_load((REPO / "stages.yaml").read_text())["profiles"]
+    assert all(name in form["profile"]["description"] for name in shipped)
     artifacts = {a["key"] for a in api_post(prefect, "/artifacts/filter",
                                             {"flow_runs": {"id": {"any_": [run_id]}}})}
     for name, node in plan.nodes.items():
@@ -223,11 +241,21 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
         if node.kind == "train":
             assert {f"{name.lower()}-progress", f"{name.lower()}-metrics"} <= artifacts
             assert Workdir(node.dir).latest_checkpoint_step() == node.train.steps
-    assert {"six-settings-report", "six-settings-report-md"} <= artifacts
+    assert {"six-settings-report", "six-settings-report-md", "six-settings-curves"} <= artifacts
+    curves = run_artifact(prefect, run_id, "six-settings-curves")
+    assert curves["type"] == "image" and curves["data"].startswith("data:image/png;base64,")
+    [row] = json.loads(run_artifact(prefect, run_id, "s1-metrics")["data"])
+    assert list(row) == ["node", "kind", "step", "accuracy %", "loss", "loss per sequence",
+                         "FLOPs", "wall s"]
     report = runs / "six-settings" / "report" / "smoke"
     assert {"report.md", "settings.csv", "curves.png"} <= {p.name for p in report.iterdir()}
-    # Node output reaches the run logger.
+    # Node output reaches the run logger: a train node's progress lines, without the noise of
+    # the libraries under it (TensorFlow, absl, XLA's start-up, Orbax's routine waits).
     assert logged(prefect, run_id, "fused S1 + S2")
+    assert logged(prefect, run_id, "step 8/8: loss ")
+    logs = run_logs(prefect, run_id)
+    for noise in ("absl", "cuda", "tensorflow", "Waiting for previous save", "oneDNN", "XLA"):
+        assert noise.lower() not in logs.lower(), noise
 
 
 def test_a_second_run_finds_every_node_cached(prefect, smoke):

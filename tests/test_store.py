@@ -147,3 +147,12 @@ def test_set_aside_keeps_the_directory_under_a_new_name(tmp_path):
     assert not w.path.exists()
     [kept] = tmp_path.glob("S1-abc.replaced-*")
     assert (kept / "DONE").read_text() == FUSE_DONE
+
+
+def test_a_summary_reads_as_a_short_rounded_row():
+    train = NodeSummary.model_validate_json(TRAIN_DONE).display_row()
+    assert train == {"node": "S1", "kind": "train", "step": 150, "accuracy %": 16.16,
+                     "loss": 6.3957, "loss per sequence": 185.48, "FLOPs": "2.85e+11",
+                     "wall s": 67.6}
+    fuse = NodeSummary.model_validate_json(FUSE_DONE).display_row()
+    assert fuse == {"node": "M12f", "kind": "fuse", "FLOPs": "0", "wall s": 2.7}
