@@ -44,7 +44,7 @@ from deepfusion_core.processes import spawn
 from pipeline.job import FuseJob, TrainJob, write_job
 from pipeline.plan import build_plan
 from pipeline.spec import load_stages
-from pipeline.report import write_report
+from pipeline.report import markdown_report, write_report
 from pipeline.workdir import Workdir
 
 ACCELERATOR_LIMIT = "accelerator"
@@ -279,7 +279,8 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     create_table_artifact(report["summary"], key=artifact_key(plan.stages.name, "report"),
                           description=f"{plan.stages.name} at {plan.profile}: {report['csv']}")
     links = "\n".join(f"- {k}: `{report[k]}`" for k in ("markdown", "csv", "plot"))
-    create_markdown_artifact(Path(report["markdown"]).read_text() + "\nFiles:\n" + links,
+    narrow = markdown_report(plan, report["summary"], report["claims"], max_columns=8)
+    create_markdown_artifact(narrow + "\nFiles:\n" + links,
                              key=artifact_key(plan.stages.name, "report", "md"))
     # The plot itself, not its path: the server holds it (a data URL), so the UI shows it to
     # a reader on another machine than the worker's.

@@ -24,6 +24,7 @@ import csv
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from deepfusion_core import workdir_lock
@@ -182,8 +183,55 @@ def _fmt(value, kind: str = "") -> str:
             "s": f"{value:.0f}", "sd": f"{value:.2f}", "saving": f"{100 * value:+.0f}%"}.get(kind, str(value))
 
 
-def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
-    """The settings table (ours beside the paper's) and the claims, as Markdown."""
+def _settings_columns() -> list[tuple[str, Callable[[dict], str]]]:
+    """The settings table's columns: (header, the cell of a summary row)."""
+    def accuracy(r):
+        sd = "" if r["accuracy_sd"] is None else f" ± {100 * r['accuracy_sd']:.2f}"
+        return _fmt(r["eval_accuracy"], "pct") + sd
+
+    def loss(r):
+        return _fmt(r["eval_loss"], "loss") + ("" if r["loss_sd"] is None
+                                              else f" ± {r['loss_sd']:.4f}")
+
+    def reach(m):
+        return lambda r: (_fmt(r[f"flops_to_baseline_{m}"], "flops")
+                          + (f" ({r[f'reached_{m}']} of {r['replicas']})"
+                             if 0 < r[f"reached_{m}"] < r["replicas"] else ""))
+
+    return [("setting", lambda r: r["setting"]),
+            ("how the model is made", lambda r: r["description"]),
+            ("accuracy", accuracy), ("loss", loss), ("seeds", lambda r: f"{r['replicas']}"),
+            ("train nodes", lambda r: f"{r['train_nodes']}"),
+            ("steps", lambda r: f"{r['train_steps']}"),
+            ("FLOPs", lambda r: _fmt(r["flops"], "flops")),
+            ("wall s", lambda r: _fmt(r["wall_s"], "s")),
+            ("FLOPs to baseline acc.", reach("acc")),
+            ("saving", lambda r: _fmt(r["saving_to_baseline_acc"], "saving")),
+            ("FLOPs to baseline loss", reach("loss")),
+            ("saving", lambda r: _fmt(r["saving_to_baseline_loss"], "saving")),
+            ("paper accuracy", lambda r: _fmt(r["paper_accuracy"])),
+            ("paper train nodes", lambda r: _fmt(r["paper_train_nodes"]))]
+
+
+def _settings_tables(summary: list[dict], max_columns: int | None) -> list[str]:
+    """The settings table's lines; split into tables of at most `max_columns` columns, each
+    led by the setting, where a page is too narrow for one."""
+    columns = _settings_columns()
+    width = len(columns) if max_columns is None else max(2, max_columns)
+    groups = [[columns[0], *columns[i:i + width - 1]] for i in range(1, len(columns), width - 1)]
+    lines: list[str] = []
+    for group in groups:
+        lines += ([""] if lines else []) + [
+            "| " + " | ".join(header for header, _ in group) + " |",
+            "|" + "---|" * len(group)]
+        lines += ["| " + " | ".join(cell(r) for _, cell in group) + " |" for r in summary]
+    return lines
+
+
+def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
+                    max_columns: int | None = None) -> str:
+    """The settings table (ours beside the paper's) and the claims, as Markdown; with
+    `max_columns`, the settings table as several narrower ones (a UI's page)."""
     baseline = plan.stages.baseline
     lines = [
         f"### {plan.stages.name} at profile `{plan.profile}`",
@@ -194,28 +242,8 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict]) -> str:
          f"first reaches the final accuracy (loss) of the baseline (`{baseline}`, same seed), "
          "averaged over the seeds that reach it; each saving is against the baseline's total."),
         "",
-        ("| setting | how the model is made | accuracy | loss | seeds | train nodes | steps "
-         "| FLOPs | wall s | FLOPs to baseline acc. | saving | FLOPs to baseline loss | saving "
-         "| paper accuracy | paper train nodes |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *_settings_tables(summary, max_columns),
     ]
-    for r in summary:
-        acc = _fmt(r["eval_accuracy"], "pct")
-        if r["accuracy_sd"] is not None:
-            acc += f" ± {100 * r['accuracy_sd']:.2f}"
-        loss = _fmt(r["eval_loss"], "loss")
-        if r["loss_sd"] is not None:
-            loss += f" ± {r['loss_sd']:.4f}"
-        reach = {m: _fmt(r[f"flops_to_baseline_{m}"], "flops")
-                 + (f" ({r[f'reached_{m}']} of {r['replicas']})"
-                    if 0 < r[f"reached_{m}"] < r["replicas"] else "") for m in ("acc", "loss")}
-        lines.append(
-            f"| {r['setting']} | {r['description']} | {acc} | {loss} | "
-            f"{r['replicas']} | {r['train_nodes']} | {r['train_steps']} | "
-            f"{_fmt(r['flops'], 'flops')} | {_fmt(r['wall_s'], 's')} | {reach['acc']} | "
-            f"{_fmt(r['saving_to_baseline_acc'], 'saving')} | {reach['loss']} | "
-            f"{_fmt(r['saving_to_baseline_loss'], 'saving')} | {_fmt(r['paper_accuracy'])} | "
-            f"{_fmt(r['paper_train_nodes'])} |")
     done = [Workdir(n.dir).done_record() for n in plan.nodes.values() if n.kind == "train"]
     done = [d for d in done if d is not None]
     total = sum(n.kind == "train" for n in plan.nodes.values())

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
 from pipeline.plan import build_plan
-from pipeline.report import check_claims, summarize, update_document
+from pipeline.report import check_claims, markdown_report, summarize, update_document
 from pipeline.spec import load_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,28 @@ def test_summary_averages_seeds_and_counts_who_reached_the_baseline(plan):
     assert one["accuracy_sd"] == pytest.approx(0.0141421, rel=1e-5)
     assert five["reached_acc"] == 1 and five["saving_to_baseline_acc"] == pytest.approx(0.3)
     assert five["reached_loss"] == 0 and five["saving_to_baseline_loss"] is None
+
+
+def _table_cells(text: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| the paper's claim")]
+
+
+def test_a_narrow_report_splits_the_settings_table_and_keeps_every_cell(plan):
+    summary = summarize(plan, [row(k, 0, 0.3 + int(k) / 100, 90.0) for k in "123456"])
+    claims = check_claims(plan, summary)
+    wide = markdown_report(plan, summary, claims)
+    narrow = markdown_report(plan, summary, claims, max_columns=8)
+    [header, *rows] = _table_cells(wide.split("\n\n| the paper's claim")[0])
+    assert len(header) == 15 and len(rows) == 6
+    tables = [t for t in narrow.split("\n\n") if t.startswith("| setting")]
+    assert len(tables) == 2
+    split = [_table_cells(t) for t in tables]
+    assert all(len(cells) <= 8 for table in split for cells in table)
+    # Each table leads with the setting; side by side they are the wide table, cell for cell.
+    joined = [a + b[1:] for a, b in zip(*split)]
+    assert joined == [header, *rows]
+    assert wide.split("train nodes done")[1] == narrow.split("train nodes done")[1]
 
 
 def test_claims_are_checked_on_mean_accuracy_and_loss(plan):
