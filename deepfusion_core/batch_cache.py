@@ -92,6 +92,15 @@ def _load(path: Path) -> tuple[int, Batches] | None:
     return None
 
 
+def _kept_count(path: Path) -> int:
+    """How many batches `path` holds, reading that count alone (0 if it cannot be read); the
+    reader of the batches checks them whole."""
+    with contextlib.suppress(OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        with np.load(path) as kept:
+            return len(kept[_COUNT])
+    return 0
+
+
 def _save(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
     stacked = {_COUNT: np.arange(len(batches))}
     if batches:
@@ -185,7 +194,6 @@ def keep_train_batches(cfg: DataConfig, stop: int) -> bool:
         path = _train_path(cfg, stop)
         if path is None:
             return False
-        kept = _load(path)
-        if kept is None or kept[0] < stop:
+        if _kept_count(path) < stop:
             _make_train(cfg, stop, path)
         return True
