@@ -148,6 +148,20 @@ def _watch_progress(node_dir: Path, steps: int, artifact_id, done: threading.Eve
             update_progress_artifact(artifact_id, 100.0 * train[-1].step / steps)
 
 
+def _forward_output(proc: subprocess.Popen, logger) -> None:
+    """Log each line the node prints, until it exits."""
+    for line in proc.stdout:
+        try:
+            logger.info(line.rstrip())
+        except SystemExit:
+            # Prefect's console handler (rich) raises SystemExit in the logging thread when
+            # its write fails on a broken pipe: the worker that read this process's output
+            # was killed. The record already reached the API, and _stop_with_parent is
+            # stopping the run; keep reading the node until it stops at a checkpoint, so the
+            # task ends Cancelled, not Crashed.
+            continue
+
+
 @task(name="node", cache_policy=NO_CACHE)  # DONE in the node store is the cache
 def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
     """Run one node's job in its own process (a no-op `Cached` state when it is DONE)."""
@@ -182,8 +196,7 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
             watcher.start()
         started = time.perf_counter()
         try:
-            for line in proc.stdout:
-                logger.info(line.rstrip())
+            _forward_output(proc, logger)
             returncode = proc.wait()
             process_wall_s = time.perf_counter() - started
         finally:

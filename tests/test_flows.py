@@ -273,8 +273,9 @@ def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_reru
         prefect, tmp_path):
     """One node through three deployment runs: the first is cancelled, the second resumes it
     and loses its worker to SIGKILL, the third (on a new worker) resumes it and completes."""
-    # No periodic save before the last step: each checkpoint found is the one a stop made.
-    stages = long_stages(tmp_path, steps=200, eval_every=100, save_every=100000)
+    # No periodic save before the last step: each checkpoint found is the one a stop made. A
+    # log line every step: the worker dies while the flow process forwards the node's lines.
+    stages = long_stages(tmp_path, steps=200, eval_every=100, save_every=100000, log_every=1)
     runs = tmp_path / "runs"
     ma = build_plan(stages, "smoke", runs).nodes["Ma"]
     params = dict(stages=str(stages), nodes=["Ma"], runs_dir=str(runs))
@@ -304,6 +305,7 @@ def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_reru
     assert len(flow_processes) == 1 and len(nodes) == 1
     worker.kill()
     killed = time.perf_counter()
+    start_worker(prefect)  # now, so that a failure below leaves the next tests a worker
     deadline = killed + 10
     while running(flow_processes + nodes) and time.perf_counter() < deadline:
         time.sleep(0.1)
@@ -318,7 +320,6 @@ def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_reru
     assert task_runs(prefect, orphaned)["Ma"]["state_type"] == "CANCELLED"
     assert accelerator_slots_in_use(prefect) == 0  # released by the flow process on its way out
 
-    start_worker(prefect)
     completed = start_run(prefect, "six-settings-smoke", **params)
     assert wait_run(prefect, completed)["state_type"] == "COMPLETED", \
         run_logs(prefect, completed)[-3000:]
