@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from collections import Counter
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact,
@@ -35,9 +37,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Completed
+from prefect.states import AwaitingConcurrencySlot, Cancelled, Completed, Running, State
+from prefect.utilities.engine import emit_task_run_state_change_event
 
 from deepfusion_core.metrics import TrainRecord
 from deepfusion_core.processes import spawn
@@ -113,7 +117,49 @@ class NodeProcesses:
 
 
 
-def _stop_with_parent(parent: int, nodes: NodeProcesses, done: threading.Event, logger) -> None:
+class RunProgress:
+    """Where a flow run's nodes are: waiting for a slot, computing, done or not done. Each
+    change updates the run's progress artifact (done out of all); starts and ends are logged.
+    """
+
+    STAGES = ("computing", "waiting for a slot", "done", "not done")
+
+    def __init__(self, nodes: list[str], key: str, logger) -> None:
+        self._all, self._logger = len(nodes), logger
+        self._stage: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._artifact = create_progress_artifact(
+            0.0, key=key, description=self._summary())
+
+    def enter(self, node: str, stage: str) -> None:
+        with self._lock:
+            self._stage[node] = stage
+            summary = self._summary()
+            done = sum(s == "done" for s in self._stage.values())
+        if stage != "waiting for a slot":
+            self._logger.info(f"{node} {stage}; {summary}")
+        update_progress_artifact(self._artifact, 100.0 * done / self._all, description=summary)
+
+    def _summary(self) -> str:
+        counts = Counter(self._stage.values())
+        return "nodes: " + ", ".join(f"{counts[s]} {s}" for s in self.STAGES) + f" of {self._all}"
+
+
+def _show_task_state(state: State) -> None:
+    """Make `state` the running task run's state, as its engine does: an event the server
+    records. Prefect has no call for a task to name its own state, and a node waiting for a
+    slot is not running (nor is that time counted in its run time)."""
+    task_run = TaskRunContext.get().task_run  # the engine's own object: it goes on from here
+    last = task_run.state
+    state.state_details.task_run_id, state.state_details.flow_run_id = task_run.id, task_run.flow_run_id
+    if last.is_running():
+        task_run.total_run_time += state.timestamp - last.timestamp
+    task_run.state, task_run.state_id = state, state.id
+    task_run.state_type, task_run.state_name = state.type, state.name
+    emit_task_run_state_change_event(task_run=task_run, initial_state=last, validated_state=state)
+
+
+def _stop_with_parent(parent: int, processes: NodeProcesses, done: threading.Event, logger) -> None:
     """Stop the flow like a cancellation when the process that started it dies.
 
     Polls the parent pid: the worker starts the flow process in a session of its own, so
@@ -129,7 +175,7 @@ def _stop_with_parent(parent: int, nodes: NodeProcesses, done: threading.Event, 
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            nodes.stop()
+            processes.stop()
             logger.error(f"the process that started this flow run (pid {parent}) died: every "
                          "node stops at a checkpoint")
             os.kill(os.getpid(), signal.SIGTERM)  # the flow run ends as Prefect ends a SIGTERM
@@ -163,8 +209,21 @@ def _forward_output(proc: subprocess.Popen, logger) -> None:
 
 
 @task(name="node", cache_policy=NO_CACHE)  # DONE in the node store is the cache
-def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
+def run_node_task(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
+                  progress: RunProgress):
     """Run one node's job in its own process (a no-op `Cached` state when it is DONE)."""
+    stage = "not done"
+    try:
+        result = _run_node(job, runs_dir, processes, progress)
+        if isinstance(result, dict) or result.is_completed():
+            stage = "done"
+        return result
+    finally:
+        progress.enter(job.name, stage)
+
+
+def _run_node(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
+              progress: RunProgress) -> dict | State:
     logger = get_run_logger()
     here = Workdir(job.dir)
     if here.is_done():
@@ -178,14 +237,18 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
         ahead = time.perf_counter()
         job.prepare_batches(logger.warning)  # while others compute: no TensorFlow in the node
         batches_ahead_s = time.perf_counter() - ahead
+    progress.enter(job.name, "waiting for a slot")
+    _show_task_state(AwaitingConcurrencySlot(message=f"waiting for an `{ACCELERATOR_LIMIT}` slot"))
     waiting = time.perf_counter()
-    with nodes.slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
+    with processes.slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
         slot_wait_s = time.perf_counter() - waiting
+        _show_task_state(Running())
+        progress.enter(job.name, "computing")
         # Node processes share a persistent XLA cache: same-shaped nodes compile once.
         env = {"JAX_COMPILATION_CACHE_DIR": str(Path(runs_dir) / ".jax-cache"),
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", **os.environ}
         write_job(job)
-        proc = nodes.start(_node_command(job.dir), env)
+        proc = processes.start(_node_command(job.dir), env)
         if proc is None:
             return Cancelled(message=f"{job.name} not started: the flow run is stopping")
         finished = threading.Event()
@@ -204,7 +267,7 @@ def run_node_task(job: TrainJob | FuseJob, runs_dir: str, nodes: NodeProcesses):
             if proc.poll() is None:  # the task itself was interrupted: let the node checkpoint
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=300)
-            nodes.finished(proc)
+            processes.finished(proc)
     if returncode in _STOPPED:
         return Cancelled(message=f"{job.name} stopped by {_STOPPED[returncode]}; it resumes from "
                                  f"its last checkpoint in {job.dir}")
@@ -261,14 +324,15 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     plan = build_plan(stages, profile, runs_dir)  # a bad file fails the run here, with every problem
     order = plan.runnable_order(nodes)
     ensure_concurrency_limit(accelerator_slots)
-    nodes = NodeProcesses(accelerator_slots)
+    processes = NodeProcesses(accelerator_slots)
     if force:
         for name in nodes or order:
             Workdir(plan.nodes[name].dir).set_aside()
+    progress = RunProgress(order, artifact_key(plan.stages.name, "nodes"), get_run_logger())
     done = threading.Event()
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # started by a worker (or runner) for this run
         threading.Thread(target=_stop_with_parent, daemon=True,
-                         args=(os.getppid(), nodes, done, get_run_logger())).start()
+                         args=(os.getppid(), processes, done, get_run_logger())).start()
     futures = {}
     try:
         for name in order:
@@ -277,13 +341,14 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
             futures[name] = run_node_task.with_options(
                 name=name, task_run_name=name, tags=[job.kind, f"size:{size}"],
                 retries=retries,
-            ).submit(job, runs_dir, nodes, wait_for=[futures[p] for p in job.parents])
+            ).submit(job, runs_dir, processes, progress,
+                     wait_for=[futures[p] for p in job.parents])
         for future in futures.values():
             future.wait()
     except BaseException:
         # Cancelled (the worker's SIGTERM), the worker died, or Ctrl-C: running nodes
         # checkpoint, and tasks still waiting for a slot must not start theirs.
-        nodes.stop()
+        processes.stop()
         raise
     finally:
         done.set()

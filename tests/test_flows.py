@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -125,6 +126,13 @@ def wait_run(prefect, run_id, timeout=900) -> dict:
 def task_runs(prefect, run_id) -> dict[str, dict]:
     runs = api_post(prefect, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
     return {r["name"]: r for r in runs}
+
+
+def task_states(prefect, task_run_id) -> list[dict]:
+    """A task run's states, oldest first."""
+    states = httpx.get(f"{prefect['api']}/task_run_states/",
+                       params={"task_run_id": task_run_id}, timeout=30).json()
+    return sorted(states, key=lambda state: state["timestamp"])
 
 
 def run_logs(prefect, run_id) -> str:
@@ -249,6 +257,24 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
                          "FLOPs", "wall s"]
     report = runs / "six-settings" / "report" / "smoke"
     assert {"report.md", "settings.csv", "curves.png"} <= {p.name for p in report.iterdir()}
+    # One slot, two roots: each node shows its wait for the slot as Prefect's own concurrency
+    # state, and its run time in the UI counts only the time it was Running.
+    for name, t in tasks.items():
+        states = task_states(prefect, t["id"])
+        assert [s["name"] for s in states] == ["Pending", "Running", "AwaitingConcurrencySlot",
+                                               "Running", "Completed"], name
+        running = [(datetime.fromisoformat(a["timestamp"]), datetime.fromisoformat(b["timestamp"]))
+                   for a, b in zip(states, states[1:]) if a["type"] == "RUNNING"]
+        assert t["total_run_time"] == pytest.approx(
+            sum((b - a).total_seconds() for a, b in running), abs=0.01), name
+    waits = [task_states(prefect, t["id"]) for t in tasks.values()]
+    assert max((datetime.fromisoformat(s[3]["timestamp"])
+                - datetime.fromisoformat(s[2]["timestamp"])).total_seconds() for s in waits) > 1
+    nodes_progress = run_artifact(prefect, run_id, "six-settings-nodes")
+    assert nodes_progress["data"] == 100.0
+    assert nodes_progress["description"] == ("nodes: 0 computing, 0 waiting for a slot, "
+                                             "7 done, 0 not done of 7")
+    assert logged(prefect, run_id, "S1 computing; nodes: 1 computing, ")
     # Node output reaches the run logger: a train node's progress lines, without the noise of
     # the libraries under it (TensorFlow, absl, XLA's start-up, Orbax's routine waits).
     assert logged(prefect, run_id, "fused S1 + S2")
@@ -267,6 +293,20 @@ def test_a_second_run_finds_every_node_cached(prefect, smoke):
           f"(flow run {run['total_run_time']:.1f}s)")
     assert run["state_type"] == "COMPLETED"
     assert {t["state_name"] for t in task_runs(prefect, run_id).values()} == {"Cached"}
+
+
+def test_force_recomputes_the_named_node_and_sets_its_old_directory_aside(prefect, smoke):
+    _, _, runs, _ = smoke
+    s1 = build_plan(REPO / "stages.yaml", "smoke", runs).nodes["S1"].dir
+    old = Workdir(s1).done_record()
+    run_id = start_run(prefect, "six-settings-smoke", runs_dir=str(runs), nodes=["S1"],
+                       force=True)
+    assert wait_run(prefect, run_id)["state_type"] == "COMPLETED", run_logs(prefect, run_id)[-3000:]
+    assert task_runs(prefect, run_id)["S1"]["state_name"] == "Completed"  # not Cached
+    [aside] = s1.parent.glob(f"{s1.name}.replaced-*")
+    assert Workdir(aside).done_record() == old
+    new = Workdir(s1).done_record()
+    assert new.run_wall_s != old.run_wall_s and new.eval_loss == old.eval_loss  # rerun, same maths
 
 
 def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_rerun_resumes(
