@@ -148,12 +148,15 @@ class RunProgress:
 def _show_task_state(state: State) -> None:
     """Make `state` the running task run's state, as its engine does: an event the server
     records. Prefect has no call for a task to name its own state, and a node waiting for a
-    slot is not running (nor is that time counted in its run time)."""
+    slot is not running: that time counts neither in its run time nor in its bar in the graph
+    (drawn from its start time, which becomes the moment it got the slot)."""
     task_run = TaskRunContext.get().task_run  # the engine's own object: it goes on from here
     last = task_run.state
     state.state_details.task_run_id, state.state_details.flow_run_id = task_run.id, task_run.flow_run_id
     if last.is_running():
         task_run.total_run_time += state.timestamp - last.timestamp
+    if state.is_running():
+        task_run.start_time = state.timestamp
     task_run.state, task_run.state_id = state, state.id
     task_run.state_type, task_run.state_name = state.type, state.name
     emit_task_run_state_change_event(task_run=task_run, initial_state=last, validated_state=state)
@@ -229,6 +232,9 @@ def _run_node(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
     if here.is_done():
         return Completed(name="Cached", message=f"{job.name} is DONE in {job.dir}",
                          data=here.done_record().to_json())
+    progress.enter(job.name, "waiting for a slot")
+    _show_task_state(AwaitingConcurrencySlot(
+        message=f"making its batches, then waiting for an `{ACCELERATOR_LIMIT}` slot"))
     progress_id, batches_ahead_s = None, 0.0
     if isinstance(job, TrainJob):
         progress_id = create_progress_artifact(
@@ -237,8 +243,6 @@ def _run_node(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
         ahead = time.perf_counter()
         job.prepare_batches(logger.warning)  # while others compute: no TensorFlow in the node
         batches_ahead_s = time.perf_counter() - ahead
-    progress.enter(job.name, "waiting for a slot")
-    _show_task_state(AwaitingConcurrencySlot(message=f"waiting for an `{ACCELERATOR_LIMIT}` slot"))
     waiting = time.perf_counter()
     with processes.slots, concurrency(ACCELERATOR_LIMIT, occupy=1, lease_duration=_LEASE_S):
         slot_wait_s = time.perf_counter() - waiting

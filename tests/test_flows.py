@@ -258,7 +258,7 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     report = runs / "six-settings" / "report" / "smoke"
     assert {"report.md", "settings.csv", "curves.png"} <= {p.name for p in report.iterdir()}
     # One slot, two roots: each node shows its wait for the slot as Prefect's own concurrency
-    # state, and its run time in the UI counts only the time it was Running.
+    # state; its run time and its bar in the graph (start to end) count only its work.
     for name, t in tasks.items():
         states = task_states(prefect, t["id"])
         assert [s["name"] for s in states] == ["Pending", "Running", "AwaitingConcurrencySlot",
@@ -267,6 +267,9 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
                    for a, b in zip(states, states[1:]) if a["type"] == "RUNNING"]
         assert t["total_run_time"] == pytest.approx(
             sum((b - a).total_seconds() for a, b in running), abs=0.01), name
+        start, end = datetime.fromisoformat(t["start_time"]), datetime.fromisoformat(t["end_time"])
+        assert start == datetime.fromisoformat(states[3]["timestamp"]), name
+        assert (end - start).total_seconds() == pytest.approx(t["total_run_time"], abs=0.5), name
     waits = [task_states(prefect, t["id"]) for t in tasks.values()]
     assert max((datetime.fromisoformat(s[3]["timestamp"])
                 - datetime.fromisoformat(s[2]["timestamp"])).total_seconds() for s in waits) > 1
