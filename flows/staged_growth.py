@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 
 from collections import Counter
+from typing import Annotated
 
 from prefect import flow, get_run_logger, task
+from pydantic import Field
 from prefect.artifacts import (create_image_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
@@ -51,6 +53,22 @@ from pipeline.spec import load_stages
 from pipeline.report import markdown_report, write_report
 from pipeline.workdir import Workdir
 
+def _shipped_profiles() -> list[str]:
+    """The profiles of the stages files beside this project (deployment time): the run form's
+    choices. A file that does not load adds none; running it fails with its problems."""
+    profiles: dict[str, None] = {}
+    for path in sorted(Path(__file__).resolve().parents[1].glob("stages*.yaml")):
+        try:
+            profiles.update(dict.fromkeys(load_stages(path).profiles))
+        except (OSError, ValueError):
+            pass
+    return list(profiles)
+
+
+# Offered as choices, not enforced by the schema (the deployments set enforce_parameter_schema
+# false): a stages file passed as `stages` may define others, and the plan refuses an unknown
+# profile with the list of the file's own.
+Profile = Annotated[str, Field(json_schema_extra={"enum": _shipped_profiles()})]
 ACCELERATOR_LIMIT = "accelerator"
 # The server's shortest lease: a slot held by a flow process killed outright (no release) frees
 # after about a minute (plus the repossessor's 15 s loop) instead of Prefect's default 5 minutes.
@@ -302,8 +320,11 @@ def _run_name() -> str:
     return f"{name}/{profile or 'default'}/{time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 
-@flow(name="staged-growth", log_prints=True, flow_run_name=_run_name)
-def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
+# The result (the report's files, the settings table, each node's timings) is kept as JSON in
+# the worker's result storage, where the API's state of the run points.
+@flow(name="staged-growth", log_prints=True, flow_run_name=_run_name, persist_result=True,
+      result_serializer="json")
+def staged_growth(stages: str = "stages.yaml", profile: Profile | None = None,
                   nodes: list[str] | None = None, force: bool = False, runs_dir: str = "runs",
                   retries: int = 0, accelerator_slots: int = 1) -> dict:
     """Run the staged-growth DAG of a stages file, one task per node, then its report.
@@ -311,9 +332,8 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     Args:
         stages: The stages file (a path on the worker's machine, relative to the deployment's
             directory): the DAG, its profiles and the paper's figures.
-        profile: The profile to run (sizes, data, steps), one the file defines: smoke, tiny,
-            c4-tiny, c4-cpu, small, paper and paper-8gpu in the shipped stages.yaml. Empty:
-            the file's default_profile.
+        profile: The profile to run (sizes, data, steps), one the stages file defines (the
+            choices are the shipped files' profiles). Empty: the file's default_profile.
         nodes: Run only these nodes and the ancestors they need (empty: the whole DAG).
         force: Recompute the nodes to run (all, or `nodes`) even where they are done; their
             old directories are set aside, not deleted.
@@ -374,7 +394,8 @@ def staged_growth(stages: str = "stages.yaml", profile: str | None = None,
     failed = [n for n, s in states.items() if not s.is_completed()]
     if failed:
         raise RuntimeError(f"nodes not completed: {', '.join(failed)}")
-    return {"report": report["markdown"],
+    return {"report": report["markdown"], "csv": report["csv"], "plot": report["plot"],
+            "settings": report["summary"],
             "nodes": {n: {"state": s.name, **_timings(s.result())} for n, s in states.items()}}
 
 

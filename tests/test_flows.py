@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -210,15 +211,28 @@ SMOKE_NODES = ["L1", "L2"]  # S, M and L nodes; a fusion of two models and a sel
 
 @pytest.fixture(scope="module")
 def smoke(prefect, tmp_path_factory):
+    """The smoke run of SMOKE_NODES, and the task states the API reported while it ran."""
     runs = tmp_path_factory.mktemp("runs")
     start = time.perf_counter()
     run_id = start_run(prefect, "six-settings-smoke", runs_dir=str(runs), nodes=SMOKE_NODES)
-    run = wait_run(prefect, run_id)
-    return run_id, run, runs, time.perf_counter() - start
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.wait(0.3):
+            seen.append({name: t["state_name"] for name, t in task_runs(prefect, run_id).items()})
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run = wait_run(prefect, run_id)
+    finally:
+        stop.set()
+        watcher.join()
+    return run_id, run, runs, time.perf_counter() - start, seen
 
 
 def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
-    run_id, run, runs, seconds = smoke
+    run_id, run, runs, seconds, seen = smoke
     print(f"smoke DAG (settings 1 and 2) through Prefect: {seconds:.0f}s")
     assert run["state_type"] == "COMPLETED", run_logs(prefect, run_id)[-3000:]
     plan = build_plan(REPO / "stages.yaml", "smoke", runs)
@@ -237,8 +251,11 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     assert form.keys() == {"stages", "profile", "nodes", "force", "runs_dir", "retries",
                            "accelerator_slots"}
     assert all(len(field.get("description", "")) > 20 for field in form.values()), form
-    shipped = yaml.safe_load((REPO / "stages.yaml").read_text())["profiles"]
-    assert all(name in form["profile"]["description"] for name in shipped)
+    shipped = [name for path in ("stages.yaml", "stages_table1.yaml")
+               for name in yaml.safe_load((REPO / path).read_text())["profiles"]]
+    [choices] = [option["enum"] for option in form["profile"]["anyOf"] if "enum" in option]
+    assert set(choices) == set(shipped) and len(choices) == len(set(shipped))
+    assert deployment["enforce_parameter_schema"] is False  # another stages file, other profiles
     artifacts = {a["key"] for a in api_post(prefect, "/artifacts/filter",
                                             {"flow_runs": {"id": {"any_": [run_id]}}})}
     for name, node in plan.nodes.items():
@@ -250,6 +267,12 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
             assert {f"{name.lower()}-progress", f"{name.lower()}-metrics"} <= artifacts
             assert Workdir(node.dir).latest_checkpoint_step() == node.train.steps
     assert {"six-settings-report", "six-settings-report-md", "six-settings-curves"} <= artifacts
+    # The run's result is persisted: the report's files and its settings table.
+    stored = json.loads(Path(run["state"]["data"]["storage_key"]).read_text())
+    assert stored["report"] == str(runs / "six-settings" / "report" / "smoke" / "report.md")
+    table = json.loads(run_artifact(prefect, run_id, "six-settings-report")["data"])
+    assert [r["setting"] for r in stored["settings"]] == [r["setting"] for r in table]
+    assert set(stored["nodes"]) == wanted
     curves = run_artifact(prefect, run_id, "six-settings-curves")
     assert curves["type"] == "image" and curves["data"].startswith("data:image/png;base64,")
     [row] = json.loads(run_artifact(prefect, run_id, "s1-metrics")["data"])
@@ -270,6 +293,13 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
         start, end = datetime.fromisoformat(t["start_time"]), datetime.fromisoformat(t["end_time"])
         assert start == datetime.fromisoformat(states[3]["timestamp"]), name
         assert (end - start).total_seconds() == pytest.approx(t["total_run_time"], abs=0.5), name
+        # Its duration is its node's work, give or take the process start and the hand-over.
+        work = Workdir(plan.nodes[name].dir).done_record().run_wall_s
+        assert abs(t["total_run_time"] - work) < 5, (name, t["total_run_time"], work)
+    # While S1, S2 and L1 were ready: one Running, the others waiting for the slot.
+    assert any(list(states.values()).count("Running") == 1
+               and list(states.values()).count("AwaitingConcurrencySlot") >= 1
+               for states in seen), seen
     waits = [task_states(prefect, t["id"]) for t in tasks.values()]
     assert max((datetime.fromisoformat(s[3]["timestamp"])
                 - datetime.fromisoformat(s[2]["timestamp"])).total_seconds() for s in waits) > 1
@@ -288,7 +318,7 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
 
 
 def test_a_second_run_finds_every_node_cached(prefect, smoke):
-    _, _, runs, _ = smoke
+    _, _, runs, _, _ = smoke
     start = time.perf_counter()
     run_id = start_run(prefect, "six-settings-smoke", runs_dir=str(runs), nodes=SMOKE_NODES)
     run = wait_run(prefect, run_id)
@@ -299,7 +329,7 @@ def test_a_second_run_finds_every_node_cached(prefect, smoke):
 
 
 def test_force_recomputes_the_named_node_and_sets_its_old_directory_aside(prefect, smoke):
-    _, _, runs, _ = smoke
+    _, _, runs, _, _ = smoke
     s1 = build_plan(REPO / "stages.yaml", "smoke", runs).nodes["S1"].dir
     old = Workdir(s1).done_record()
     run_id = start_run(prefect, "six-settings-smoke", runs_dir=str(runs), nodes=["S1"],
