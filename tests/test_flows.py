@@ -5,6 +5,7 @@ death, bad input."""
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,48 +39,83 @@ def _free_port() -> int:
 def start_worker(prefect) -> subprocess.Popen:
     """A `prefect worker start` on the `local` pool (the fixture stops every one at the end)."""
     worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "local"],
-                              env=prefect["env"], cwd=REPO,
+                              env=prefect["env"], cwd=prefect["checkout"],
                               stdout=(prefect["logs"] / "worker.log").open("a"),
                               stderr=subprocess.STDOUT)
     prefect["workers"].append(worker)
     return worker
 
 
+def readme_prefect_commands() -> list[str]:
+    """The command lines of README's Prefect section, in order, without their comments."""
+    section = (REPO / "README.md").read_text().split("\n## Prefect: ", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split(" #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def wait_healthy(api: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline and server.poll() is None, log.read_text()
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def prefect(tmp_path_factory):
-    """A real Prefect server, the `local` process pool, the deployments and a worker
-    (`prefect["workers"][-1]`; a test that kills it starts the next one)."""
+    """README's Prefect section, each command as written and in order (on a free port instead
+    of 4200), in a copy of this checkout beside its `.venv`, so that the runs it starts write
+    there: a server, the `local` process pool, the deployments, a worker
+    (`prefect["workers"][-1]`; a test that kills it starts the next one), and a tiny run,
+    cancelled at once."""
     home = tmp_path_factory.mktemp("prefect-home")
+    checkout = tmp_path_factory.mktemp("checkout") / "deepfusion"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info"))
+    (checkout / ".venv").symlink_to(REPO / ".venv")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_PORT": str(port),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
     logs = home / "logs"
     logs.mkdir()
-    server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, cwd=home,
-                              stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
-    prefect = {"api": api, "env": env, "logs": logs, "workers": []}
+    prefect = {"api": api, "env": env, "logs": logs, "workers": [], "checkout": checkout}
+    background = []
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and server.poll() is None, (logs / "server.log").read_text()
-            time.sleep(0.5)
-        for cmd in (["work-pool", "create", "local", "--type", "process"],
-                    ["--no-prompt", "deploy", "--all"]):
-            proc = subprocess.run([BIN / "prefect", *cmd], env=env, cwd=REPO, capture_output=True,
-                                  text=True, timeout=300)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-        start_worker(prefect)
+        commands = readme_prefect_commands()
+        assert commands[0] == "source .venv/bin/activate", commands
+        for command in commands[1:]:
+            if command.startswith("export "):
+                name, value = command.removeprefix("export ").split("=", 1)
+                env[name] = value.replace(":4200", f":{port}")
+                continue
+            shell = ["bash", "-c", f"source .venv/bin/activate && exec {command}"]
+            if command.startswith(("prefect server start", "prefect worker start")):
+                log = logs / ("server.log" if "server" in command else "worker.log")
+                proc = subprocess.Popen(shell, env=env, cwd=checkout, stdout=log.open("a"),
+                                        stderr=subprocess.STDOUT)
+                (background if "server" in command else prefect["workers"]).append(proc)
+                if "server" in command:
+                    wait_healthy(api, proc, log)
+                continue
+            proc = subprocess.run(shell, env=env, cwd=checkout, capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == 0, f"{command}: {proc.stdout}{proc.stderr}"
+            if command.startswith("prefect deployment run"):
+                run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+                api_post(prefect, f"/flow_runs/{run_id}/set_state",
+                         {"state": {"type": "CANCELLING"}, "force": True})
+                assert wait_run(prefect, run_id, timeout=180)["state_type"] == "CANCELLED"
+        assert env["PREFECT_API_URL"] == api and len(background) == len(prefect["workers"]) == 1
         yield prefect
     finally:
-        for proc in (*prefect["workers"], server):
+        for proc in (*prefect["workers"], *background):
             proc.terminate()
             try:
                 proc.wait(timeout=30)
