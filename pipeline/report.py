@@ -30,6 +30,7 @@ from pathlib import Path
 from deepfusion_core import workdir_lock
 from deepfusion_core.metrics import EvalRecord
 from pipeline import store
+from pipeline.claims import check_claims
 from pipeline.plan import Plan
 from pipeline.workdir import Workdir
 
@@ -125,62 +126,11 @@ def summarize(plan: Plan, rows: list[dict]) -> list[dict]:
     return out
 
 
-def check_claims(plan: Plan, summary: list[dict]) -> list[dict]:
-    """Each claim of the stages file against the settings' mean final accuracy or loss: what
-    was measured, whether it holds ("yes", "no", or "—" while a setting it names has no done
-    run), and the largest seed standard deviation among the settings it names (differences
-    below it are noise)."""
-    by = {s["setting"]: s for s in summary}
-    results = []
-    for c in plan.stages.claims:
-        named = c.settings()
-        scale, unit, sign = (100, "points", 1) if c.metric == "accuracy" else (1, "nats", -1)
-        value = {k: scale * s[f"eval_{c.metric}"] for k, s in by.items()}
-        sds = [scale * by[k][f"{c.metric}_sd"] for k in named
-               if k in by and by[k][f"{c.metric}_sd"] is not None]
-        result = {"claim": c.claim, "metric": c.metric, "measured": "", "holds": "—",
-                  "seed_sd": max(sds) if sds else None}
-        if all(k in by for k in named):
-            result.update(_test(c, value, sign, unit, by, ".2f" if sign > 0 else ".3f"))
-        results.append(result)
-    return results
-
-
-def _test(c, value: dict[str, float], sign: int, unit: str, by: dict, f: str) -> dict:
-    """One claim's measurement; `sign` is +1 where higher is better (accuracy), -1 (loss);
-    `f` formats the values."""
-    if c.better is not None:
-        diffs = {k: value[k] - value[c.than] for k in c.better}
-        return {"measured": ", ".join(f"{k}: {d:+{f}}" for k, d in diffs.items())
-                + f" {unit} vs {c.than}",
-                "holds": _verdict(sum(sign * d > 0 for d in diffs.values()), len(diffs))}
-    if c.best is not None:
-        runner_up = max((k for k in value if k != c.best), key=lambda k: sign * value[k],
-                        default=None)
-        d = value[c.best] - value[runner_up] if runner_up else 0.0
-        return {"measured": f"{c.best}: {value[c.best]:{f}}, next {runner_up}: "
-                            f"{value.get(runner_up, float('nan')):{f}} ({d:+{f}})",
-                "holds": "yes" if sign * d > 0 else "no"}
-    if c.close is not None:
-        a, b = c.close
-        d = value[a] - value[b]
-        return {"measured": f"{a} - {b} = {d:+{f}} {unit} (within {c.within:g}?)",
-                "holds": "yes" if abs(d) <= c.within else "no"}
-    saving = by[c.saving]["saving_to_baseline_acc" if sign > 0 else "saving_to_baseline_loss"]
-    return {"measured": f"never reached the baseline's {c.metric}" if saving is None
-            else f"{c.saving} saves {100 * saving:+.0f}% (claim: >= {100 * c.at_least:.0f}%)",
-            "holds": "yes" if saving is not None and saving >= c.at_least else "no"}
-
-
-def _verdict(passed: int, total: int) -> str:
-    return "yes" if passed == total else "no" if passed == 0 else f"{passed} of {total}"
-
-
 def _fmt(value, kind: str = "") -> str:
     if value is None:
         return "—"
     return {"pct": f"{100 * value:.2f}", "flops": f"{value:.3g}", "loss": f"{value:.4f}",
-            "s": f"{value:.0f}", "sd": f"{value:.2f}", "saving": f"{100 * value:+.0f}%"}.get(kind, str(value))
+            "s": f"{value:.0f}", "saving": f"{100 * value:+.0f}%"}.get(kind, str(value))
 
 
 def _settings_columns() -> list[tuple[str, Callable[[dict], str]]]:
@@ -252,10 +202,15 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
                    f"{sum(d.wall_s for d in done) / 60:.0f} min of wall time and "
                    f"{sum(d.flops for d in done):.3g} FLOPs in all.")]
     if claims:
-        lines += ["", "| the paper's claim | by | measured here | holds | largest seed sd |",
+        lines += ["", ("Each claim is judged on the paired differences per seed (a setting "
+                       "against another of the same seed): their mean [95% interval]. It holds "
+                       "when the interval lies on the claimed side, is contradicted when it lies "
+                       "on the other, inconclusive when it straddles; one seed gives no "
+                       "interval."),
+                  "", "| the paper's claim | by | measured here | verdict | seeds |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {c['claim']} | {c['metric']} | {c['measured'] or '—'} | {c['holds']} | "
-                  f"{_fmt(c['seed_sd'], 'sd')} |" for c in claims]
+        lines += [f"| {c['claim']} | {c['metric']} | {c['measured'] or '—'} | {c['verdict']} | "
+                  f"{c['seeds']} |" for c in claims]
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +256,7 @@ def write_report(plan: Plan) -> dict:
     """Write the Markdown, CSV and PNG report; returns their paths, the summary and claims."""
     rows, curves = replica_rows(plan)
     summary = summarize(plan, rows)
-    claims = check_claims(plan, summary)
+    claims = check_claims(plan, rows)
     out = store.report_path(plan.root, plan.profile)
     paths = {"markdown": out / "report.md", "csv": out / "settings.csv",
              "plot": out / "curves.png"}

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
 from pipeline.plan import build_plan
-from pipeline.report import check_claims, markdown_report, summarize, update_document
+from pipeline.claims import check_claims
+from pipeline.report import markdown_report, summarize, update_document
 from pipeline.spec import load_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,8 +46,9 @@ def _table_cells(text: str) -> list[list[str]]:
 
 
 def test_a_narrow_report_splits_the_settings_table_and_keeps_every_cell(plan):
-    summary = summarize(plan, [row(k, 0, 0.3 + int(k) / 100, 90.0) for k in "123456"])
-    claims = check_claims(plan, summary)
+    rows = [row(k, 0, 0.3 + int(k) / 100, 90.0) for k in "123456"]
+    summary = summarize(plan, rows)
+    claims = check_claims(plan, rows)
     wide = markdown_report(plan, summary, claims)
     narrow = markdown_report(plan, summary, claims, max_columns=8)
     [header, *rows] = _table_cells(wide.split("\n\n| the paper's claim")[0])
@@ -59,33 +61,6 @@ def test_a_narrow_report_splits_the_settings_table_and_keeps_every_cell(plan):
     joined = [a + b[1:] for a, b in zip(*split)]
     assert joined == [header, *rows]
     assert wide.split("train nodes done")[1] == narrow.split("train nodes done")[1]
-
-
-def test_claims_are_checked_on_mean_accuracy_and_loss(plan):
-    accs = {"1": 0.30, "2": 0.31, "3": 0.33, "4": 0.35, "5": 0.331, "6": 0.29}
-    rows = [row(k, 0, a, 80.0 if k == "5" else None) for k, a in accs.items()]
-    for r in rows:  # the loss ranks 6 best and 4 worst: the opposite of the accuracy
-        r["eval_loss"] = {"6": 4.0, "4": 6.0}.get(r["setting"], 5.0)
-    claims = check_claims(plan, summarize(plan, rows))
-    beats, beats_loss, close, repeated, repeated_loss, best, best_loss, saving, saving_loss = \
-        claims
-    assert beats["holds"] == "4 of 5" and "6: -1.00" in beats["measured"]
-    assert beats_loss["holds"] == "1 of 5" and "6: -1.000 nats" in beats_loss["measured"]
-    assert close["holds"] == "yes" and "+0.10" in close["measured"]  # 5 - 3, within 0.5
-    assert repeated["holds"] == "yes" and repeated_loss["holds"] == "no"
-    assert best["holds"] == "yes" and "next 5: 33.10" in best["measured"]
-    assert best_loss["holds"] == "no" and "next 6: 4.000" in best_loss["measured"]
-    assert saving["holds"] == "yes" and "+20%" in saving["measured"]
-    assert saving_loss["holds"] == "no" and "never reached the baseline's loss" in \
-        saving_loss["measured"]
-    rows[4] = row("5", 0, 0.331, None)  # setting 5 never reaches the baseline
-    saving = check_claims(plan, summarize(plan, rows))[-2]
-    assert saving["holds"] == "no" and "never reached" in saving["measured"]
-
-
-def test_a_claim_on_a_setting_without_runs_is_undecided(plan):
-    claims = check_claims(plan, summarize(plan, [row("1", 0, 0.3)]))
-    assert {c["holds"] for c in claims} == {"—"}
 
 
 def test_update_document_rewrites_only_its_block(plan, tmp_path):
