@@ -233,14 +233,11 @@ def _forward_output(proc: subprocess.Popen, logger) -> None:
 def run_node_task(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
                   progress: RunProgress):
     """Run one node's job in its own process (a no-op `Cached` state when it is DONE)."""
-    stage = "not done"
     try:
-        result = _run_node(job, runs_dir, processes, progress)
-        if isinstance(result, dict) or result.is_completed():
-            stage = "done"
-        return result
-    finally:
-        progress.enter(job.name, stage)
+        return _run_node(job, runs_dir, processes, progress)
+    except BaseException:
+        progress.enter(job.name, "not done")
+        raise
 
 
 def _run_node(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
@@ -248,6 +245,7 @@ def _run_node(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
     logger = get_run_logger()
     here = Workdir(job.dir)
     if here.is_done():
+        progress.enter(job.name, "done")
         return Completed(name="Cached", message=f"{job.name} is DONE in {job.dir}",
                          data=here.done_record().to_json())
     progress.enter(job.name, "waiting for a slot")
@@ -272,6 +270,7 @@ def _run_node(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
         write_job(job)
         proc = processes.start(_node_command(job.dir), env)
         if proc is None:
+            progress.enter(job.name, "not done")
             return Cancelled(message=f"{job.name} not started: the flow run is stopping")
         finished = threading.Event()
         watcher = None
@@ -284,6 +283,8 @@ def _run_node(job: TrainJob | FuseJob, runs_dir: str, processes: NodeProcesses,
             _forward_output(proc, logger)
             returncode = proc.wait()
             process_wall_s = time.perf_counter() - started
+            # Before the slot passes on: the counts never show two nodes computing at once.
+            progress.enter(job.name, "done" if returncode == 0 else "not done")
         finally:
             finished.set()
             if proc.poll() is None:  # the task itself was interrupted: let the node checkpoint

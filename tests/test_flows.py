@@ -344,6 +344,7 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     assert nodes_progress["description"] == ("nodes: 0 computing, 0 waiting for a slot, "
                                              "7 done, 0 not done of 7")
     assert logged(prefect, run_id, "S1 computing; nodes: 1 computing, ")
+    assert "2 computing" not in run_logs(prefect, run_id)  # one slot, handed over in order
     # Node output reaches the run logger: a train node's progress lines, without the noise of
     # the libraries under it (TensorFlow, absl, XLA's start-up, Orbax's routine waits).
     assert logged(prefect, run_id, "fused S1 + S2")
