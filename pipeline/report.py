@@ -37,7 +37,8 @@ from pipeline.workdir import Workdir
 COLUMNS = ["setting", "replica", "node", "description", "eval_loss", "eval_accuracy",
            "train_nodes", "train_steps", "flops", "wall_s", "flops_to_baseline_acc",
            "saving_to_baseline_acc", "flops_to_baseline_loss", "saving_to_baseline_loss",
-           "paper_accuracy", "paper_train_nodes"]
+           "eval_loss_sum", "paper_accuracy", "paper_accuracy_sd", "paper_loss_sum",
+           "paper_train_nodes"]
 Curve = list[tuple[float, float, float]]  # (cumulative FLOPs, accuracy, loss) per evaluation
 
 
@@ -71,7 +72,10 @@ def replica_rows(plan: Plan) -> tuple[list[dict], dict[tuple[str, int], Curve]]:
                 "train_steps": sum(plan.nodes[n].train.steps for n in trains),
                 "flops": sum(done[n].flops for n in ancestry),
                 "wall_s": sum(done[n].wall_s for n in ancestry),
+                "eval_loss_sum": summary.eval_loss_sum,
                 "paper_accuracy": setting.paper.accuracy,
+                "paper_accuracy_sd": setting.paper.accuracy_sd,
+                "paper_loss_sum": setting.paper.loss_sum,
                 "paper_train_nodes": setting.paper.train_nodes,
             })
     for row in rows:
@@ -109,11 +113,13 @@ def summarize(plan: Plan, rows: list[dict]) -> list[dict]:
         accs = [r["eval_accuracy"] for r in mine]
         out.append({
             **{k: mine[0][k] for k in ("setting", "description", "train_nodes", "train_steps",
-                                      "paper_accuracy", "paper_train_nodes")},
+                                      "paper_accuracy", "paper_accuracy_sd", "paper_loss_sum",
+                                      "paper_train_nodes")},
             "replicas": len(mine),
             "eval_accuracy": statistics.fmean(accs),
             "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
             "eval_loss": _mean([r["eval_loss"] for r in mine]),
+            "eval_loss_sum": _mean([r["eval_loss_sum"] for r in mine]),
             "loss_sd": (statistics.stdev([r["eval_loss"] for r in mine])
                         if len(mine) > 1 else None),
             "flops": _mean([r["flops"] for r in mine]),
@@ -130,7 +136,7 @@ def _fmt(value, kind: str = "") -> str:
     if value is None:
         return "—"
     return {"pct": f"{100 * value:.2f}", "flops": f"{value:.3g}", "loss": f"{value:.4f}",
-            "s": f"{value:.0f}", "saving": f"{100 * value:+.0f}%"}.get(kind, str(value))
+            "s": f"{value:.0f}", "sum": f"{value:.2f}", "saving": f"{100 * value:+.0f}%"}.get(kind, str(value))
 
 
 def _settings_columns() -> list[tuple[str, Callable[[dict], str]]]:
@@ -159,7 +165,10 @@ def _settings_columns() -> list[tuple[str, Callable[[dict], str]]]:
             ("saving", lambda r: _fmt(r["saving_to_baseline_acc"], "saving")),
             ("FLOPs to baseline loss", reach("loss")),
             ("saving", lambda r: _fmt(r["saving_to_baseline_loss"], "saving")),
-            ("paper accuracy", lambda r: _fmt(r["paper_accuracy"])),
+            ("loss per sequence", lambda r: _fmt(r["eval_loss_sum"], "sum")),
+            ("paper accuracy", lambda r: _fmt(r["paper_accuracy"]) + (
+                "" if r["paper_accuracy_sd"] is None else f" ± {r['paper_accuracy_sd']:g}")),
+            ("paper loss (sum)", lambda r: _fmt(r["paper_loss_sum"], "flops")),
             ("paper train nodes", lambda r: _fmt(r["paper_train_nodes"]))]
 
 

@@ -197,9 +197,13 @@ Node = Annotated[Annotated[TrainNode, Tag("train")] | Annotated[FuseNode, Tag("f
 
 
 class PaperResult(_Strict):
-    """The paper's reported figures for a setting (Table 2)."""
+    """The paper's reported figures for a setting (Tables 1 and 2), printed beside ours."""
 
-    accuracy: float | None = None
+    accuracy: float | None = Field(default=None, description="final accuracy, in %")
+    accuracy_sd: float | None = Field(default=None, ge=0, description="its ± over seeds")
+    loss_sum: float | None = Field(default=None, gt=0, description=(
+        "the final validation loss summed over the paper's validation set (\"Loss @1M\"); "
+        "ours is summed per sequence, so compare the order, not the size"))
     train_nodes: int | None = None
 
 

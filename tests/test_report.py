@@ -19,7 +19,8 @@ STAGES = REPO / "stages.yaml"
 
 def row(setting, replica, acc, reach=None):
     return {"setting": setting, "replica": replica, "description": "", "train_nodes": 1,
-            "train_steps": 8, "paper_accuracy": None, "paper_train_nodes": None,
+            "train_steps": 8, "paper_accuracy": None, "paper_accuracy_sd": None,
+            "paper_loss_sum": None, "paper_train_nodes": None, "eval_loss_sum": 14.5,
             "eval_accuracy": acc, "eval_loss": 1.0, "flops": 100.0, "wall_s": 1.0,
             "flops_to_baseline_acc": reach, "saving_to_baseline_acc": reach and 1 - reach / 100,
             "flops_to_baseline_loss": None, "saving_to_baseline_loss": None}
@@ -52,13 +53,14 @@ def test_a_narrow_report_splits_the_settings_table_and_keeps_every_cell(plan):
     wide = markdown_report(plan, summary, claims)
     narrow = markdown_report(plan, summary, claims, max_columns=8)
     [header, *rows] = _table_cells(wide.split("\n\n| the paper's claim")[0])
-    assert len(header) == 15 and len(rows) == 6
+    assert len(header) == 17 and len(rows) == 6
     tables = [t for t in narrow.split("\n\n") if t.startswith("| setting")]
-    assert len(tables) == 2
+    assert len(tables) == 3  # 16 columns after the setting, at most 7 per table
     split = [_table_cells(t) for t in tables]
     assert all(len(cells) <= 8 for table in split for cells in table)
     # Each table leads with the setting; side by side they are the wide table, cell for cell.
-    joined = [a + b[1:] for a, b in zip(*split)]
+    joined = [first + [cell for more in others for cell in more[1:]]
+              for first, *others in zip(*split)]
     assert joined == [header, *rows]
     assert wide.split("train nodes done")[1] == narrow.split("train nodes done")[1]
 
