@@ -344,11 +344,21 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     assert nodes_progress["description"] == ("nodes: 0 computing, 0 waiting for a slot, "
                                              "7 done, 0 not done of 7")
     assert logged(prefect, run_id, "S1 computing; nodes: 1 computing, ")
-    assert "2 computing" not in run_logs(prefect, run_id)  # one slot, handed over in order
+    # One slot, handed over in order (not "S2 computing": a node's name ends in a digit).
+    assert not re.search(r"nodes: [2-9] computing", run_logs(prefect, run_id))
     # Node output reaches the run logger: a train node's progress lines, without the noise of
     # the libraries under it (TensorFlow, absl, XLA's start-up, Orbax's routine waits).
     assert logged(prefect, run_id, "fused S1 + S2")
     assert logged(prefect, run_id, "step 8/8: loss ")
+    # A train node's own task logs a progress line every log_every steps (1 of 8 here).
+    s1_logs = "\n".join(entry["message"] for entry in api_post(
+        prefect, "/logs/filter", {"logs": {"task_run_id": {"any_": [tasks["S1"]["id"]]}}}))
+    for step in range(1, 9):
+        assert re.search(rf"step {step}/8: loss \d+\.\d+, [\d,]+ tokens/s, ETA ", s1_logs), step
+    # The report artifact's tables fit a page: at most 8 columns each.
+    report_md = run_artifact(prefect, run_id, "six-settings-report-md")["data"]
+    widths = [line.count("|") - 1 for line in report_md.splitlines() if line.startswith("|")]
+    assert widths and max(widths) <= 8, widths
     logs = run_logs(prefect, run_id)
     for noise in ("absl", "cuda", "tensorflow", "Waiting for previous save", "oneDNN", "XLA"):
         assert noise.lower() not in logs.lower(), noise
