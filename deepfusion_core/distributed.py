@@ -201,8 +201,8 @@ def launch_local(argv: Sequence[str], processes: int, devices: int,
     """Run `argv` as `processes` cooperating JAX processes on this machine; their exit code.
 
     Each gets devices / processes CPU devices and the coordinator's address in its
-    environment. If one process dies, the others are terminated (they would otherwise wait
-    in a collective forever) and its exit code is returned. SIGTERM/SIGINT to the launcher are
+    environment. If one process dies, the others are stopped at once (they would otherwise
+    wait in a collective forever) and its exit code is returned. SIGTERM/SIGINT to the launcher are
     forwarded, so every process checkpoints before exiting.
     """
     port = _free_port()
@@ -231,7 +231,10 @@ def launch_local(argv: Sequence[str], processes: int, devices: int,
                 break  # after a forwarded signal, every process gets to save its checkpoint
             time.sleep(poll_s)
         if failed:
-            _stop(procs)
+            # The others wait on the dead one inside a collective, where no Python handler
+            # runs, and a save needs every process: a short grace, then SIGKILL (the last
+            # complete checkpoint stands).
+            _stop(procs, grace_s=1.0)
             return failed[0] if failed[0] > 0 else 128 - failed[0]  # -9 -> 137, as a shell
         return 0
     finally:
