@@ -109,6 +109,10 @@ def prefect(tmp_path_factory):
             assert proc.returncode == 0, f"{command}: {proc.stdout}{proc.stderr}"
             if command.startswith("prefect deployment run"):
                 run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+                # Cancel once the flow runs: a cancel that lands while the flow process is
+                # still starting makes Prefect's engine exit on `UnfinishedRun` and leaves the
+                # run Cancelling for good (a Prefect race, not ours to test here).
+                wait_run(prefect, run_id, timeout=180, until=("RUNNING", *TERMINAL))
                 api_post(prefect, f"/flow_runs/{run_id}/set_state",
                          {"state": {"type": "CANCELLING"}, "force": True})
                 assert wait_run(prefect, run_id, timeout=180)["state_type"] == "CANCELLED"
@@ -149,11 +153,12 @@ def start_run(prefect, deployment, **params) -> str:
     return re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
 
 
-def wait_run(prefect, run_id, timeout=900) -> dict:
+def wait_run(prefect, run_id, timeout=900, until=TERMINAL) -> dict:
+    """The flow run once its state type is one of `until` (by default, once it has ended)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         run = flow_run(prefect, run_id)
-        if run["state_type"] in TERMINAL:
+        if run["state_type"] in until:
             return run
         time.sleep(1)
     raise TimeoutError(f"flow run {run_id} did not finish; worker log:\n"
