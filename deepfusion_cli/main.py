@@ -207,12 +207,15 @@ def _config_options() -> list[inspect.Parameter]:
         args = typing.get_args(kind)
         if type(None) in args:  # X | None: "none" is the value None
             parser = _or_none(next(a for a in args if a is not type(None)))
+        default = inspect.Parameter.empty if field.is_required() else field.default
+        if typing.get_origin(kind) is tuple:  # a list of names: comma-separated
+            kind, default = str, ",".join(default)
+            parser = lambda text: tuple(t for t in text.split(",") if t)  # noqa: E731
         names = [f"--{name.replace('_', '-')}", *filter(None, [_SHORT_NAMES.get(name)])]
         if kind is bool:
             names = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
         option = typer.Option(*names, parser=parser,
                               help=_SEED_HELP if name == "seed" else field.description)
-        default = inspect.Parameter.empty if field.is_required() else field.default
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[kind, option]))
     return params
@@ -341,18 +344,21 @@ def plan_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
         typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=1))
         return
     typer.echo(f"{plan.stages.name} at profile {plan.profile} -> {plan.root}")
+    width = max(6, *(len(r.name) for r in records))
     for r in records:
         state = r.state + (f" @ step {r.checkpoint_step}" if r.checkpoint_step else "")
-        what = f"train {r.steps} steps" if r.kind == "train" else "fuse"
+        what = {"train": f"train {r.steps} steps", "finetune": f"fine-tune {r.steps} steps",
+                "fuse": "fuse", "load": "load"}[r.kind]
         parents = f" <- {', '.join(r.parents)}" if r.parents else ""
         gib = r.memory["total"] / 2**30
-        memory = (f"{gib:6.2f} GiB/device ({r.mesh or 'data=all'})" if r.kind == "train"
-                  else f"{gib:6.2f} GiB on the host")
-        typer.echo(f"  {r.name:<6} {state:<16} {what:<18} {r.flops:>9.3g} FLOPs  "
+        memory = (f"{gib:6.2f} GiB on the host" if r.kind in ("fuse", "load")
+                  else f"{gib:6.2f} GiB/device ({r.mesh or 'data=all'})")
+        typer.echo(f"  {r.name:<{width}} {state:<16} {what:<22} {r.flops:>9.3g} FLOPs  "
                    f"{memory:<40} {r.model}{parents}  [{r.fingerprint}]")
     kinds = [r.kind for r in records]
     todo = sum(r.state != "done" for r in records)
-    typer.echo(f"{kinds.count('train')} train nodes, {kinds.count('fuse')} fuse nodes; "
+    finetune = f", {kinds.count('finetune')} fine-tune nodes" if "finetune" in kinds else ""
+    typer.echo(f"{kinds.count('train')} train nodes, {kinds.count('fuse')} fuse nodes{finetune}; "
                f"{todo} not done; total {sum(r.flops for r in records):.3g} FLOPs")
 
 

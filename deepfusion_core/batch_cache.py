@@ -32,14 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from deepfusion_core import sources
+from deepfusion_core import glue, sources
 from deepfusion_core.cache import cache_dir, keep
 from deepfusion_core.config import DataConfig, DataError, source_parts
 from deepfusion_core.sources import c4_pattern
 from deepfusion_core.vocab import sentencepiece_path
 
 # The modules whose code makes the batches: a change to one invalidates what is kept.
-_READERS = ("data.py", "config.py", "sources.py", "span_corruption.py", "vocab.py")
+_READERS = ("data.py", "config.py", "sources.py", "span_corruption.py", "vocab.py", "glue.py",
+            "glue_data.py")
 _COUNT = "__batches__"  # beside the feature arrays: how many batches the file holds
 _DEFAULT_TRAIN_CACHE_MB = 256
 Batches = dict[str, np.ndarray]  # feature -> [batches, batch_size, length]
@@ -48,7 +49,11 @@ Batches = dict[str, np.ndarray]  # feature -> [batches, batch_size, length]
 def check_source(cfg: DataConfig) -> None:
     """Raise `DataError` unless cfg's source is there and holds documents; a TFDS data_dir
     through TensorFlow's file system, which also reads buckets."""
-    if source_parts(cfg.source)[0] != "tfds":
+    kind, arg = source_parts(cfg.source)
+    if kind == "glue":
+        glue.check_tasks(arg, cfg.tasks)
+        return
+    if kind != "tfds":
         sources.check_source(cfg.source)
         return
     from deepfusion_core import data
@@ -64,8 +69,13 @@ def _identity(cfg: DataConfig, split: str) -> list | None:
         return None
     from pydoc_data import topics
 
-    files = ([Path(topics.__file__)] if kind == "builtin" else
-             sorted(Path(arg).expanduser().absolute().glob(c4_pattern(split))))
+    if kind == "builtin":
+        files = [Path(topics.__file__)]
+    elif kind == "glue":
+        files = [Path(arg).expanduser().absolute() / glue.task(name).directory
+                 / glue.SPLIT_FILES[split] for name in cfg.tasks]
+    else:
+        files = sorted(Path(arg).expanduser().absolute().glob(c4_pattern(split)))
     if cfg.vocab.startswith("t5:"):
         files.append(sentencepiece_path(cfg.vocab))
     stamps = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]

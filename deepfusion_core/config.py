@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
+                      model_validator)
 
 T5_VOCAB_SIZE = 32128  # 32000 SentencePiece pieces + 100 sentinels, padded to a multiple of 128
 MAX_SEED = 2**32 - 1  # every seed (params, data, fusion noise) fits what JAX, numpy and TF take
@@ -111,13 +112,15 @@ class DataError(ValueError):
 
 
 def source_parts(spec: str) -> tuple[str, str]:
-    """('builtin', ''), ('c4', PATH) or ('tfds', DATA_DIR); `DataError` for any other spec."""
+    """('builtin', ''), ('c4', PATH), ('tfds', DATA_DIR) or ('glue', DIR); `DataError` for
+    any other spec."""
     kind, _, arg = spec.partition(":")
     if spec == "builtin":
         return kind, ""
-    if kind in ("c4", "tfds") and arg:
+    if kind in ("c4", "tfds", "glue") and arg:
         return kind, arg
-    raise DataError(f"source must be 'builtin', 'c4:PATH' or 'tfds:DATA_DIR', not {spec!r}")
+    raise DataError(f"source must be 'builtin', 'c4:PATH', 'tfds:DATA_DIR' or 'glue:DIR', "
+                    f"not {spec!r}")
 
 
 def vocab_parts(spec: str) -> tuple[str, str]:
@@ -145,12 +148,31 @@ def span_corruption_lengths(inputs_length: int) -> tuple[int, int]:
     return tokens, lengths(tokens)[1]
 
 
+def _leave_out_at_default(*names: str):
+    """A serializer that leaves the fields `names` out of a dump while they hold their
+    defaults: fields added after a config's first release, so that the fingerprints (and
+    kept batches) of every config written before them stay what they were."""
+    @model_serializer(mode="wrap")
+    def serialize(self, handler):
+        dumped = handler(self)
+        for name in names:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                dumped.pop(name, None)
+        return dumped
+    return serialize
+
+
 class DataConfig(BaseModel):
-    """Where training text comes from, how it is tokenized, and the shape of the batches."""
+    """Where training text comes from, how it is tokenized, and the shape of the batches.
+
+    A `glue:DIR` source is fine-tuning data: the GLUE `tasks` in T5's text-to-text form,
+    mixed in proportion to their training examples, instead of span corruption.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = Field(default="builtin", description="builtin | c4:PATH | tfds:DATA_DIR")
+    source: str = Field(default="builtin", description="builtin | c4:PATH | tfds:DATA_DIR | "
+                                                       "glue:DIR")
     vocab: str = Field(default="byte", description="byte | t5:PATH (SentencePiece model)")
     inputs_length: int = Field(default=128, ge=8, description="Encoder length (tokens).")
     # 128 needs 29; T5's 512 needs 114
@@ -159,6 +181,15 @@ class DataConfig(BaseModel):
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the data order and "
                                                                 "span corruption.")
     pack: bool = Field(default=True, description="Pack several examples per sequence.")
+    tasks: tuple[str, ...] = Field(default=(), description="GLUE tasks of a glue: source "
+                                                           "(comma-separated).")
+
+    _omit_at_default = _leave_out_at_default("tasks")
+
+    @property
+    def is_glue(self) -> bool:
+        """Whether this is GLUE fine-tuning data (not span corruption)."""
+        return source_parts(self.source)[0] == "glue"
 
     @field_validator("source")
     @classmethod
@@ -174,6 +205,10 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_lengths(self):
+        if self.is_glue != bool(self.tasks):
+            raise ValueError("a glue: source needs tasks, and only a glue: source takes them")
+        if self.is_glue:
+            return self
         needed = span_corruption_lengths(self.inputs_length)[1]
         if self.targets_length < needed:
             raise ValueError(f"targets_length={self.targets_length} is too short: span "
@@ -203,10 +238,15 @@ class OptimizerConfig(_Config):
     learning_rate: float = Field(default=0.01, gt=0, description="Peak learning rate (T5: "
                                                                  "0.01 with Adafactor).")
     warmup_steps: int = Field(default=100, ge=0, description="Linear warmup steps.")
+    schedule: Literal["decay", "constant"] = Field(
+        default="decay", description="After warmup: decay (1/sqrt with adafactor, cosine with "
+                                     "adamw) or constant (T5's fine-tuning).")
     grad_clip: float | None = Field(default=1.0, gt=0, description="Global gradient norm "
                                                                    "clip (none: off).")
     z_loss: float = Field(default=0.0, ge=0, description="Weight of log(Z)^2 (T5X: 1e-4).")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW's weight decay.")
+
+    _omit_at_default = _leave_out_at_default("schedule")
 
 
 class ExecutionConfig(_Config):

@@ -201,10 +201,35 @@ def _get_dataset(task: seqio.Task, cfg: DataConfig, **kwargs) -> tf.data.Dataset
     return tf.autograph.experimental.do_not_convert(task.get_dataset)(cfg.lengths, **kwargs)
 
 
+def _glue_examples(cfg: DataConfig, split: str, shuffle: bool, seed: int,
+                   num_epochs: int | None) -> tf.data.Dataset:
+    """GLUE fine-tuning examples: for training, the tasks' mixture (each in proportion to
+    its training examples); for validation, every task's dev set, interleaved in an order
+    fixed by `seed`, so that the first batches hold all the tasks."""
+    from deepfusion_core.glue_data import register_glue_mixture, register_glue_task
+
+    glue_dir = source_parts(cfg.source)[1]
+    if split == "train":
+        mixture = seqio.get_mixture_or_task(register_glue_mixture(glue_dir, cfg.tasks, cfg.vocab))
+        return _get_dataset(mixture, cfg, split=split, shuffle=shuffle, seed=seed,
+                            num_epochs=num_epochs)
+    tasks = [seqio.get_mixture_or_task(register_glue_task(glue_dir, name, cfg.vocab))
+             for name in cfg.tasks]
+    dev = [_get_dataset(t, cfg, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs)
+           for t in tasks]
+    features = ("inputs", "targets")  # the others (texts, idx) differ between the tasks
+    dev = [ds.map(lambda ex: {k: ex[k] for k in features}) for ds in dev]
+    return tf.data.Dataset.sample_from_datasets(dev, seed=seed, stop_on_empty_dataset=False)
+
+
 def _batches(cfg: DataConfig, split: str, shuffle: bool, seed: int,
              num_epochs: int | None) -> tf.data.Dataset:
-    task = seqio.get_mixture_or_task(register_task(cfg))
-    ds = _get_dataset(task, cfg, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs)
+    if cfg.is_glue:
+        ds = _glue_examples(cfg, split, shuffle, seed, num_epochs)
+    else:
+        task = seqio.get_mixture_or_task(register_task(cfg))
+        ds = _get_dataset(task, cfg, split=split, shuffle=shuffle, seed=seed,
+                          num_epochs=num_epochs)
     ds = seqio.EncDecFeatureConverter(pack=cfg.pack)(ds, cfg.lengths)
     return ds.batch(cfg.batch_size, drop_remainder=True).with_options(_options())
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deepfusion_core.config import DataError
+
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -57,7 +59,7 @@ SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv",
                "validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}
 
 
-class GlueError(ValueError):
+class GlueError(DataError):
     """A GLUE file or task that cannot be read; the message names it (and the row)."""
 
 
@@ -122,3 +124,16 @@ def label_text(spec: GlueTask, label) -> str:
         five = np.float32(5)
         return f"{np.round(np.float32(label) * five) / five:.1f}"
     return spec.label_names[label]
+
+
+def check_tasks(glue_dir: str | Path, names: tuple[str, ...] | list[str],
+                splits: tuple[str, ...] = ("train", "validation")) -> None:
+    """Raise `GlueError` (one line: the task, file or row) unless every task's `splits` are
+    there and read whole."""
+    if not Path(glue_dir).is_dir():
+        raise GlueError(f"GLUE directory {glue_dir} does not exist")
+    for name in names:
+        for split in splits:
+            if not read_examples(glue_dir, name, split):
+                raise GlueError(f"{Path(glue_dir) / task(name).directory / SPLIT_FILES[split]}"
+                                f": no examples")

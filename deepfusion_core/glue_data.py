@@ -79,11 +79,17 @@ def register_glue_task(glue_dir: str | Path, name: str, vocab: str) -> str:
     return registered
 
 
+def _training_examples(t: seqio.Task) -> int:
+    """A task's mixing rate: its training examples (as seqio's `mixing_rate_num_examples`
+    falls back to, without its warning that the task is not cached)."""
+    return t.source.num_input_examples("train")
+
+
 def register_glue_mixture(glue_dir: str | Path, names: list[str], vocab: str) -> str:
     """Register (once) the mixture of GLUE tasks `names`, each sampled in proportion to its
     training examples; return its name."""
     tasks = [register_glue_task(glue_dir, n, vocab) for n in names]
     registered = f"deepfusion_glue_mixture_{_key(*tasks)}"
     if registered not in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.add(registered, tasks, default_rate=seqio.mixing_rate_num_examples)
+        seqio.MixtureRegistry.add(registered, tasks, default_rate=_training_examples)
     return registered

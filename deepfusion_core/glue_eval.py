@@ -44,13 +44,17 @@ def _stack(rows: list[dict], inputs_length: int, batch_size: int) -> tuple[np.nd
 
 
 def evaluate_glue(answer: Answer, glue_dir: str | Path, tasks: list[str], vocab: str,
-                  lengths: dict[str, int], batch_size: int) -> dict[str, dict[str, float]]:
-    """Each task's metrics on its validation split, answered by `answer`."""
+                  lengths: dict[str, int], batch_size: int,
+                  max_examples: int | None = None) -> dict[str, dict[str, float]]:
+    """Each task's metrics on its validation split (its first `max_examples`, or all),
+    answered by `answer`."""
     scores = {}
     for name in tasks:
         task = seqio.get_mixture_or_task(register_glue_task(glue_dir, name, vocab))
         vocabulary = task.output_features["targets"].vocabulary
         ds = task.get_dataset(lengths, split="validation", shuffle=False)
+        if max_examples is not None:
+            ds = ds.take(max_examples)
         targets, predictions = [], []
         for tokens, texts in _batches(ds, lengths["inputs"], batch_size):
             decoded = answer(tokens)[:len(texts)]

@@ -3,7 +3,8 @@ postprocessors), with scikit-learn and scipy doing the arithmetic.
 
 Targets and predictions are both text. A class task maps each text to its class id, a text
 that names no class to -1 (always wrong); F1 counts such a prediction as the wrong class.
-STS-B reads each text as a number, a text that is none as -1. Every metric is in [0, 100].
+STS-B reads each text as a number, a text that is none as -1. Every metric is in [-100, 100]
+(the correlations can be negative).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def task_metrics(name: str, targets: list[str], predictions: list[str]) -> dict[
         raise ValueError(f"{name}: {len(targets)} targets and {len(predictions)} predictions")
     if spec.label_names is None:
         want, got = scores(targets), scores(predictions)
+        if np.ptp(got) == 0 or np.ptp(want) == 0:
+            # A constant answer (an untrained model's) has no correlation to measure: scored
+            # 0, as sklearn's Matthews correlation scores a constant class, not NaN, which
+            # would make the GLUE average NaN.
+            return {"pearson": 0.0, "spearman": 0.0}
         return {"pearson": 100 * float(scipy.stats.pearsonr(want, got)[0]),
                 "spearman": 100 * float(scipy.stats.spearmanr(want, got)[0])}
     want, got = class_ids(spec, targets), class_ids(spec, predictions)

@@ -25,8 +25,12 @@ BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_to
 
 
 def learning_rate_schedule(tc: OptimizerConfig) -> optax.Schedule:
-    """Linear warmup to the peak, then T5's 1/sqrt(step) (Adafactor) or cosine (AdamW)."""
+    """Linear warmup to the peak, then T5's 1/sqrt(step) (Adafactor) or cosine (AdamW), or
+    the peak kept (`schedule: constant`)."""
     warmup = max(tc.warmup_steps, 1)
+    if tc.schedule == "constant":
+        return lambda step: tc.learning_rate * jnp.minimum(
+            jnp.maximum(step, 1).astype(jnp.float32) / warmup, 1.0)
     if tc.optimizer == "adamw":
         return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup,
                                                   max(tc.steps, warmup + 1),

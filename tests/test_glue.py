@@ -108,6 +108,15 @@ def test_stsb_metrics_equal_scipys_and_a_non_number_counts_as_minus_one():
     assert got["spearman"] == pytest.approx(100 * scipy.stats.spearmanr(want, pred)[0])
 
 
+def test_a_constant_stsb_answer_scores_zero_not_nan():
+    # scipy leaves the correlation of a constant undefined (NaN, with a warning); a NaN
+    # would make the GLUE average NaN for every untrained model.
+    targets = ["5.0", "4.8", "0.4"]
+    assert task_metrics("stsb", targets, ["2.0", "2.0", "2.0"]) == {"pearson": 0.0,
+                                                                    "spearman": 0.0}
+    assert task_metrics("stsb", targets, ["x", "y", "z"]) == {"pearson": 0.0, "spearman": 0.0}
+
+
 def test_the_glue_average_averages_each_tasks_metrics_first():
     per_task = {"mrpc": {"f1": 80.0, "accuracy": 70.0}, "cola": {"matthews_corrcoef": 30.0},
                 "stsb": {"pearson": 90.0, "spearman": 88.0}}

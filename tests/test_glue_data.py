@@ -3,6 +3,7 @@ mixture."""
 
 import collections
 
+import numpy as np
 import pytest
 import seqio
 
@@ -49,3 +50,27 @@ def test_an_unknown_task_is_one_line(paths):
     glue, vocab = paths
     with pytest.raises(GlueError, match="GLUE task 'mnlii' does not exist"):
         register_glue_task(glue, "mnlii", vocab)
+
+
+def test_fine_tuning_batches_resume_exactly_and_validation_interleaves_the_tasks(paths):
+    """A glue: DataConfig's batches, as the train loop reads them: batch k is the same whether
+    the stream starts at 0 or at k (a resumed fine-tune node), and the first validation
+    batches (the eval loss's) hold every task."""
+    from deepfusion_core import batch_cache
+    from deepfusion_core.config import DataConfig
+    from deepfusion_core.data import get_vocabulary
+    from deepfusion_core.eval_check import eval_batches
+
+    glue, vocab = paths
+    dc = DataConfig(source=f"glue:{glue}", vocab=vocab, tasks=("cola", "rte", "stsb"),
+                    inputs_length=128, targets_length=8, batch_size=4, pack=False, seed=7)
+    whole = list(batch_cache.train_batches(dc, 0, 6))
+    resumed = list(batch_cache.train_batches(dc, 3, 6))
+    for a, b in zip(whole[3:], resumed):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    vocabulary = get_vocabulary(vocab)
+    words = {vocabulary.decode(row.tolist()).split()[0]
+             for b in eval_batches(dc, 4) for row in b["encoder_input_tokens"]}
+    assert words == {"cola", "rte", "stsb"}
+    with pytest.raises(ValueError, match="a glue: source needs tasks"):
+        DataConfig(source=f"glue:{glue}", vocab=vocab)

@@ -24,6 +24,22 @@ def test_adamw_decays_to_a_tenth_by_the_last_step():
     assert float(lr(200)) == pytest.approx(1e-4, rel=1e-5)
 
 
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
+def test_a_constant_schedule_keeps_the_peak_after_warmup(optimizer):
+    lr = learning_rate_schedule(OptimizerConfig(steps=500, optimizer=optimizer, learning_rate=1e-3,
+                                                warmup_steps=10, schedule="constant"))
+    for step, want in [(5, 5e-4), (10, 1e-3), (11, 1e-3), (500, 1e-3)]:
+        assert float(lr(step)) == pytest.approx(want, rel=1e-6), step
+    no_warmup = learning_rate_schedule(OptimizerConfig(steps=5, warmup_steps=0,
+                                                       schedule="constant"))
+    assert float(no_warmup(0)) == float(no_warmup(5)) == pytest.approx(0.01)
+
+
+def test_a_default_schedule_is_left_out_of_the_dump_and_so_of_old_fingerprints():
+    assert "schedule" not in OptimizerConfig(steps=5).model_dump()
+    assert OptimizerConfig(steps=5, schedule="constant").model_dump()["schedule"] == "constant"
+
+
 def test_gradients_are_clipped_to_the_global_norm_only_when_asked():
     grads = {"w": np.full((4,), 10.0, np.float32)}  # global norm 20
     params = {"w": np.zeros((4,), np.float32)}
