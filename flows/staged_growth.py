@@ -381,8 +381,10 @@ def staged_growth(stages: str = "stages.yaml", profile: Profile | None = None,
     report = write_report(plan)
     create_table_artifact(report["summary"], key=artifact_key(plan.stages.name, "report"),
                           description=f"{plan.stages.name} at {plan.profile}: {report['csv']}")
-    links = "\n".join(f"- {k}: `{report[k]}`" for k in ("markdown", "csv", "plot"))
-    narrow = markdown_report(plan, report["summary"], report["claims"], max_columns=8)
+    links = "\n".join(f"- {k}: `{report[k]}`" for k in
+                      ("markdown", "csv", "plot", "glue_csv", "glue_plot") if k in report)
+    narrow = markdown_report(plan, report["summary"], report["claims"], max_columns=8,
+                             glue_rows=report["glue_rows"], glue=report["glue"])
     create_markdown_artifact(narrow + "\nFiles:\n" + links,
                              key=artifact_key(plan.stages.name, "report", "md"))
     # The plot itself, not its path: the server holds it (a data URL), so the UI shows it to
@@ -397,6 +399,8 @@ def staged_growth(stages: str = "stages.yaml", profile: Profile | None = None,
         raise RuntimeError(f"nodes not completed: {', '.join(failed)}")
     return {"report": report["markdown"], "csv": report["csv"], "plot": report["plot"],
             "settings": report["summary"],
+            "glue": [{k: r[k] for k in ("setting", "column", "replica", "glue_average")}
+                     for r in report["glue_rows"]],
             "nodes": {n: {"state": s.name, **_timings(s.result())} for n, s in states.items()}}
 
 

@@ -1,6 +1,7 @@
 """The paper's claims, judged on the runs with the uncertainty a reader needs.
 
-A claim compares settings on their final accuracy (in points) or loss (in nats). Each
+A claim compares settings on their final accuracy (in points), loss (in nats) or GLUE average
+(in points, of a fine-tuned model: see `pipeline.glue_report`). Each
 setting's run of replica r is paired with the other setting's run of the same replica (the same
 seeds), and the claim is judged on the mean of the paired differences and its 95% t interval:
 
@@ -26,6 +27,26 @@ from pipeline.plan import Plan
 
 HOLDS, CONTRADICTED, INCONCLUSIVE, ONE_SEED, UNDECIDED = (
     "holds", "contradicted", "inconclusive", "one seed", "—")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What claims on one metric are judged on: the value per (label, replica), in the
+    claim's unit, and each setting's saving per replica (None where it never reached the
+    baseline)."""
+
+    value: dict[tuple[str, int], float]
+    savings: dict[str, list[float | None]]
+
+
+def measured(rows: list[dict], metric: str) -> Measured:
+    """The final accuracy (in points) or loss of the report's replica rows."""
+    scale, key = (100, "acc") if metric == "accuracy" else (1, "loss")
+    savings: dict[str, list[float | None]] = {}
+    for r in rows:
+        savings.setdefault(r["setting"], []).append(r[f"saving_to_baseline_{key}"])
+    return Measured({(r["setting"], r["replica"]): scale * r[f"eval_{metric}"] for r in rows},
+                    savings)
 
 
 @dataclass(frozen=True)
@@ -69,19 +90,19 @@ def combine(verdicts: list[str]) -> str:
     return ONE_SEED if ONE_SEED in verdicts else INCONCLUSIVE
 
 
-def check_claims(plan: Plan, rows: list[dict]) -> list[dict]:
+def check_claims(plan: Plan, rows: list[dict], glue: Measured | None = None) -> list[dict]:
     """Each claim of the stages file against the replica rows of the report (one per setting
-    and replica): what was measured (paired differences, [95% interval]), the verdict and the
-    number of seeds it rests on."""
+    and replica) or, on GLUE, the fine-tuned models (`glue`): what was measured (paired
+    differences, [95% interval]), the verdict and the number of seeds it rests on."""
     results = []
     for c in plan.stages.claims:
-        scale, unit, sign, f = ((100, "points", 1, ".2f") if c.metric == "accuracy"
-                                else (1, "nats", -1, ".3f"))
-        value = {(r["setting"], r["replica"]): scale * r[f"eval_{c.metric}"] for r in rows}
+        unit, sign, f = (("nats", -1, ".3f") if c.metric == "loss" else ("points", 1, ".2f"))
+        found = glue if c.metric == "glue" else measured(rows, c.metric)
         result = {"claim": c.claim, "metric": c.metric, "measured": "", "verdict": UNDECIDED,
                   "seeds": 0}
-        if all(any(r["setting"] == k for r in rows) for k in c.settings()):
-            result.update(_judge(c, value, rows, sign, unit, f))
+        if found is not None and all(any(label == k for label, _ in found.value)
+                                     for k in c.settings()):
+            result.update(_judge(c, found, sign, unit, f))
         results.append(result)
     return results
 
@@ -92,7 +113,8 @@ def _paired(value: dict, a: str, b: str) -> Interval:
     return interval([value[a, r] - value[b, r] for r in replicas])
 
 
-def _judge(c, value: dict, rows: list[dict], sign: int, unit: str, f: str) -> dict:
+def _judge(c, found: Measured, sign: int, unit: str, f: str) -> dict:
+    value = found.value
     if c.better is not None:
         ivs = {k: _paired(value, k, c.than) for k in c.better}
         return {"measured": "; ".join(f"{k}: {iv.text(f)}" for k, iv in ivs.items())
@@ -100,7 +122,7 @@ def _judge(c, value: dict, rows: list[dict], sign: int, unit: str, f: str) -> di
                 "verdict": combine([side(iv, sign) for iv in ivs.values()]),
                 "seeds": min(iv.pairs for iv in ivs.values())}
     if c.best is not None:
-        others = sorted({k for k, _ in value if k != c.best})
+        others = sorted({k for k, _ in value if k != c.best and "@" not in k})
         ivs = {k: _paired(value, c.best, k) for k in others}
         closest = min(others, key=lambda k: sign * ivs[k].mean)
         return {"measured": f"{c.best} - {closest} (the closest) = "
@@ -120,8 +142,7 @@ def _judge(c, value: dict, rows: list[dict], sign: int, unit: str, f: str) -> di
             verdict = INCONCLUSIVE
         return {"measured": f"{a} - {b} = {iv.text(f)} {unit} (within ±{c.within:g}?)",
                 "verdict": verdict, "seeds": iv.pairs}
-    key = "saving_to_baseline_acc" if sign > 0 else "saving_to_baseline_loss"
-    savings = [r[key] for r in rows if r["setting"] == c.saving]
+    savings = found.savings.get(c.saving, [])
     reached = [s for s in savings if s is not None]
     claim = f"(claim: >= {100 * c.at_least:.0f}%)"
     if not reached:

@@ -23,14 +23,14 @@ from jax.experimental import multihost_utils
 from deepfusion_core import disk, workdir_lock
 from deepfusion_core.preemption import Preempted
 from pipeline import store
-from pipeline.job import FuseJob, TrainJob
+from pipeline.job import FuseJob, LoadJob, TrainJob
 from pipeline.workdir import NodeSummary, Workdir
 
 if TYPE_CHECKING:  # a node process runs one job: the plan's modules are not its to import
     from pipeline.plan import Plan
 
 Log = Callable[[str], None]
-Job = TrainJob | FuseJob
+Job = TrainJob | FuseJob | LoadJob  # a FinetuneJob is a TrainJob
 _LOCK_POLL_S = 2.0
 
 

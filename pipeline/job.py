@@ -1,6 +1,7 @@
 """Node jobs: one node of a plan, resolved, as a process runs it.
 
-The plan resolves every node of a stages file into a `TrainJob` or a `FuseJob`: its configs,
+The plan resolves every node of a stages file into a `TrainJob`, `FinetuneJob` or `FuseJob`:
+its configs,
 its parents' directories, its own directory. A job is all a node's process needs: written
 into the node directory as `job.json` (`write_job`), it is run there by
 
@@ -124,6 +125,86 @@ class TrainJob(_Job):
                      init=self.init, progress=progress, log=log)
 
 
+class FinetuneJob(TrainJob):
+    """Train on GLUE (`data` is a glue: source) from `init` (or, without it, the random init
+    of `seed`: a train node's step 0), then score the model on every task's dev set by
+    decoding. Checkpoints, resume and stop requests are the train loop's."""
+
+    kind: Literal["finetune"] = "finetune"  # type: ignore[assignment] - a kind of its own
+    at_step: int  # the parent train node's step it starts from (0 for a fuse node)
+    eval_tasks: list[str]  # scored: the trained tasks, then the profile's eval_tasks
+    eval_examples: int | None = None  # each dev set's first N (None: all)
+
+    def describe_work(self) -> str:
+        return f"fine-tune {self.train.steps} steps on {', '.join(self.data.tasks)}"
+
+    def run(self, log: Log, progress: bool, primary: bool) -> dict | None:
+        """Fine-tune (resuming its checkpoints), then decode every dev set; the summary with
+        each task's metrics and the GLUE average (None in all but the first process)."""
+        summary = super().run(log, progress, primary)
+        if not primary:
+            return None
+        from deepfusion_core import load_model
+        from deepfusion_core.config import source_parts
+        from deepfusion_core.glue_eval import evaluate_glue, model_answer
+        from deepfusion_core.glue_metrics import glue_average
+
+        start = time.perf_counter()
+        cfg, params = load_model(self.dir)  # the final step's checkpoint
+        d = self.data
+        scores = evaluate_glue(model_answer(cfg, params, d.targets_length),
+                               source_parts(d.source)[1], self.eval_tasks, d.vocab, d.lengths,
+                               d.batch_size, self.eval_examples)
+        average = glue_average(scores)
+        log(f"{self.name}: GLUE average {average:.2f} ("
+            + ", ".join(f"{t} " + "/".join(f"{v:.1f}" for v in m.values())
+                        for t, m in scores.items())
+            + f"), decoded in {time.perf_counter() - start:.1f}s")
+        return {**summary, "glue": scores, "glue_average": average}
+
+
+class LoadJob(_Job):
+    """Bring an existing model into the node store: a transformers T5.1.1 directory
+    converted, or a deepfusion checkpoint copied (its checksums verified on the way)."""
+
+    kind: Literal["load"] = "load"
+    source: Path
+    source_kind: Literal["hf", "deepfusion"]
+
+    @property
+    def model_path(self) -> Path:
+        """Where the node's model is: its `model/` checkpoint."""
+        return Workdir(self.dir).model
+
+    @property
+    def flops(self) -> int:
+        return 0  # made elsewhere: its compute is not this DAG's
+
+    def describe_work(self) -> str:
+        return f"load {self.source_kind}"
+
+    def memory(self) -> dict[str, int]:
+        total = 4 * count_params(self.model)
+        return {"host": total, "total": total}
+
+    def run(self, log: Log, progress: bool, primary: bool) -> dict:
+        """Convert or copy the model into `model/` (reusing one saved before a crash)."""
+        from deepfusion_core import load_model, save_model
+
+        out = self.model_path
+        if out.exists():
+            log(f"{self.name}: reusing the loaded model at {out}")
+        elif self.source_kind == "hf":
+            from deepfusion_core.hf import import_hf
+
+            import_hf(self.source, out)
+        else:
+            cfg, params = load_model(self.source)
+            save_model(out, cfg, params)
+        log(f"{self.name}: loaded {self.source} ({self.model.describe()})")
+        return {"kind": "summary", "flops": 0, "tokens": 0, "wall_s": 0.0, "device_s": 0.0}
+
+
 class FuseJob(_Job):
     """Fuse the models in `inputs` (the same one twice: self fusion) into `model`."""
 
@@ -175,14 +256,14 @@ class FuseJob(_Job):
         return {"kind": "summary", "flops": 0, "tokens": 0, "wall_s": 0.0, "device_s": 0.0}
 
 
-Job = Annotated[TrainJob | FuseJob, Field(discriminator="kind")]
+Job = Annotated[TrainJob | FinetuneJob | FuseJob | LoadJob, Field(discriminator="kind")]
 
 
 class _JobFile(BaseModel):
     job: Job
 
 
-def write_job(job: TrainJob | FuseJob) -> Path:
+def write_job(job: TrainJob | FinetuneJob | FuseJob | LoadJob) -> Path:
     """Write `job` into its node directory (atomically); the path of the file."""
     job.dir.mkdir(parents=True, exist_ok=True)
     path = Workdir(job.dir).job_json
@@ -190,7 +271,7 @@ def write_job(job: TrainJob | FuseJob) -> Path:
     return path
 
 
-def read_job(node_dir: str | Path) -> TrainJob | FuseJob:
+def read_job(node_dir: str | Path) -> TrainJob | FinetuneJob | FuseJob | LoadJob:
     """The job written into `node_dir`; ValueError naming the file if there is none."""
     path = Workdir(Path(node_dir)).job_json
     if not path.is_file():

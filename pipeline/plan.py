@@ -29,17 +29,19 @@ from deepfusion_core.fusion import FusionError, default_norm, fused_config
 from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import check_mesh_fits, parse_mesh
 from pipeline import store
-from pipeline.job import FuseJob, TrainJob
+from deepfusion_core.glue import check_tasks
+from pipeline.job import FinetuneJob, FuseJob, LoadJob, TrainJob
 from pipeline.workdir import NODE_FILE, Workdir
-from pipeline.spec import (SEED_STRIDE, FuseNode, Stages, StagesError, TrainNode, load_stages,
-                           resolve_model)
+from pipeline.spec import (SEED_STRIDE, FinetuneNode, FuseNode, LoadNode, Stages, StagesError,
+                           TrainNode, load_stages, resolve_model)
 
 _DIM_FIELDS = ("d_model", "num_heads", "head_dim", "d_ff", "num_layers", "vocab_size")
 
 State = Literal["done", "resumable", "to run", "failed", "blocked"]
 
 
-PlannedNode = TrainJob | FuseJob
+PlannedNode = TrainJob | FinetuneJob | FuseJob | LoadJob
+NodeSpec = TrainNode | FuseNode | FinetuneNode | LoadNode
 
 
 @dataclass
@@ -128,10 +130,20 @@ class Plan:
         return [n for n in self.nodes if n in seen]
 
 
-def _parents(spec: TrainNode | FuseNode) -> list[str]:
+def _parents(spec: NodeSpec) -> list[str]:
     if isinstance(spec, FuseNode):
         return list(dict.fromkeys(spec.fuse))
+    if isinstance(spec, FinetuneNode):
+        return [spec.finetune]
+    if isinstance(spec, LoadNode):
+        return []
     return [spec.init] if spec.init else []
+
+
+def _split_label(label: str) -> tuple[str, str | None]:
+    """A claim's GLUE label: (setting, column), the column None for the setting's last."""
+    setting, _, column = label.partition("@")
+    return setting, column or None
 
 
 def _check_references(stages: Stages) -> list[str]:
@@ -148,9 +160,20 @@ def _check_references(stages: Stages) -> list[str]:
         if isinstance(spec, TrainNode) and spec.init is not None:
             if spec.init not in stages.nodes:
                 problems.append(f"nodes.{name}.init: {spec.init!r} is not a node")
-            elif not isinstance(stages.nodes[spec.init], FuseNode):
-                problems.append(f"nodes.{name}.init: {spec.init!r} is a train node; init "
-                                f"must name a fuse node")
+            elif not isinstance(stages.nodes[spec.init], (FuseNode, LoadNode)):
+                kind = "train" if isinstance(stages.nodes[spec.init], TrainNode) else "fine-tune"
+                problems.append(f"nodes.{name}.init: {spec.init!r} is a {kind} node; init "
+                                f"must name a fuse node (or a load node)")
+        if isinstance(spec, FinetuneNode):
+            if spec.finetune not in stages.nodes:
+                problems.append(f"nodes.{name}.finetune: {spec.finetune!r} is not a node")
+            elif isinstance(stages.nodes[spec.finetune], FinetuneNode):
+                problems.append(f"nodes.{name}.finetune: {spec.finetune!r} is a fine-tune "
+                                f"node; fine-tune a train or fuse node")
+            elif not isinstance(stages.nodes[spec.finetune], TrainNode) and spec.at != 1.0:
+                kind = "fuse" if isinstance(stages.nodes[spec.finetune], FuseNode) else "load"
+                problems.append(f"nodes.{name}.at: {spec.finetune!r} is a {kind} node, whose "
+                                f"model has no steps; leave out at")
         if isinstance(spec, FuseNode):
             for i, ref in enumerate(spec.fuse):
                 if ref not in stages.nodes:
@@ -162,12 +185,25 @@ def _check_references(stages: Stages) -> list[str]:
         if setting.node not in stages.nodes:
             problems.append(f"settings.{label}.node: {setting.node!r} is not a node")
         elif not isinstance(stages.nodes[setting.node], TrainNode):
-            problems.append(f"settings.{label}.node: {setting.node!r} is a fuse node; a setting "
-                            f"names the train node that makes its final model")
+            kind = {FuseNode: "fuse", FinetuneNode: "fine-tune", LoadNode: "load"}[
+                type(stages.nodes[setting.node])]
+            problems.append(f"settings.{label}.node: {setting.node!r} is a {kind} node; a "
+                            f"setting names the train node that makes its final model")
+        for column, ref in setting.finetuned.items():
+            if not isinstance(stages.nodes.get(ref), FinetuneNode):
+                problems.append(f"settings.{label}.finetuned.{column}: {ref!r} is not a "
+                                f"fine-tune node")
     for i, claim in enumerate(stages.claims):
         for label in claim.settings():
-            if label not in stages.settings:
-                problems.append(f"claims[{i}]: {label!r} is not a setting")
+            setting, column = _split_label(label) if claim.metric == "glue" else (label, None)
+            if setting not in stages.settings:
+                problems.append(f"claims[{i}]: {setting!r} is not a setting")
+            elif claim.metric == "glue" and not stages.settings[setting].finetuned:
+                problems.append(f"claims[{i}]: setting {setting!r} has no fine-tuned models "
+                                f"(finetuned) to compare on GLUE")
+            elif column is not None and column not in stages.settings[setting].finetuned:
+                problems.append(f"claims[{i}]: setting {setting!r} has no fine-tune column "
+                                f"{column!r}")
     if stages.baseline is not None and stages.baseline not in stages.settings:
         problems.append(f"baseline: {stages.baseline!r} is not a setting")
     if stages.default_profile not in stages.profiles:
@@ -200,7 +236,7 @@ def _topological_order(stages: Stages) -> tuple[list[str], list[str]]:
 def _resolve_path_spec(spec: str, base: Path) -> str:
     """Local paths in `c4:`, `t5:` and `tfds:` are relative to the stages file (URLs stay)."""
     kind, sep, arg = spec.partition(":")
-    if kind not in ("c4", "t5", "tfds") or not arg or "://" in arg:
+    if kind not in ("c4", "t5", "tfds", "glue") or not arg or "://" in arg:
         return spec
     return f"{kind}:{(base / Path(arg).expanduser()).resolve()}"
 
@@ -291,6 +327,13 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
         vocab_size = vocab_size_for_model(data_settings["vocab"])
     sizes = {size: resolve_model(spec).model_copy(update={"vocab_size": vocab_size})
              for size, spec in prof.models.items()}
+    finetune_data = None
+    finetuners = [n for n, s in stages.nodes.items() if isinstance(s, FinetuneNode)]
+    if finetuners and prof.finetune is None:
+        problems.append(f"profiles.{profile}.finetune: missing, and nodes "
+                        f"{', '.join(finetuners)} fine-tune")
+    elif finetuners:
+        finetune_data = _finetune_data(profile, prof, base, data_settings["vocab"], problems)
 
     plan = Plan(stages, stages_path, profile, Path(runs_dir) / stages.name,
                 warnings=[f"{stages_path}: {w}" for w in warnings])
@@ -303,9 +346,18 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
                 continue  # a parent failed to resolve; its problem is already listed
             planned = plan.replica_name(name, replica)
             try:
-                node = (_plan_fuse(planned, spec, plan) if isinstance(spec, FuseNode)
-                        else _plan_train(planned, spec, plan, sizes, prof, data_settings,
-                                         parent_fps, node_devices))
+                if isinstance(spec, FuseNode):
+                    node = _plan_fuse(planned, spec, plan)
+                elif isinstance(spec, LoadNode):
+                    node = _plan_load(planned, spec, plan, base, vocab_size)
+                elif isinstance(spec, FinetuneNode):
+                    if finetune_data is None:
+                        continue  # the profile's fine-tuning problem is already listed
+                    node = _plan_finetune(planned, spec, plan, sizes, prof, finetune_data,
+                                          node_devices)
+                else:
+                    node = _plan_train(planned, spec, plan, sizes, prof, data_settings,
+                                       parent_fps, node_devices)
             except (FusionError, ValueError) as e:
                 problems.append(f"nodes.{name}: {e}")
                 continue
@@ -317,13 +369,34 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
     return plan
 
 
-def _replica_spec(spec: TrainNode | FuseNode, replica: int) -> TrainNode | FuseNode:
+def _finetune_data(profile: str, prof, base: Path, vocab: str,
+                   problems: list[str]) -> dict | None:
+    """The DataConfig fields of the profile's fine-tune nodes (each adds its seed), once the
+    GLUE files are seen to be there and whole; None, with the problem listed, otherwise."""
+    data = prof.finetune.data
+    settings = {"source": _resolve_path_spec(data.source, base), "vocab": vocab,
+                "tasks": tuple(data.tasks), **data.model_dump(
+                    include={"inputs_length", "targets_length", "batch_size", "pack"})}
+    glue_dir = settings["source"].partition(":")[2]
+    try:
+        check_tasks(glue_dir, data.tasks)
+        check_tasks(glue_dir, data.eval_tasks, splits=("validation",))
+        check_eval_batches(DataConfig(**settings), prof.finetune.train.eval_batches)
+    except ValueError as e:
+        problems.append(f"profiles.{profile}.finetune.data: {e}")
+        return None
+    return settings
+
+
+def _replica_spec(spec: NodeSpec, replica: int) -> NodeSpec:
     """A node as it is in replica `replica`: its seed offset, its references renamed."""
-    if replica == 0:
+    if replica == 0 or isinstance(spec, LoadNode):  # a loaded model is the same in every seed
         return spec
     update = {"seed": spec.seed + replica * SEED_STRIDE}
     if isinstance(spec, FuseNode):
         update["fuse"] = [f"{p}@{replica}" for p in spec.fuse]
+    elif isinstance(spec, FinetuneNode):
+        update["finetune"] = f"{spec.finetune}@{replica}"
     elif spec.init is not None:
         update["init"] = f"{spec.init}@{replica}"
     return spec.model_copy(update=update)
@@ -360,20 +433,9 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
             raise ValueError(f"init: {spec.init!r} makes a model that differs from size "
                              f"{spec.train!r}: {diff}")
         model = model.model_copy(update={"dtype": declared.dtype})
-    overrides = {k: v for k, v in spec.overrides.model_dump().items() if v is not None}
-    tc = TrainConfig(**{**prof.train.model_dump(), **overrides}, mesh=prof.mesh_for(spec.train))
+    tc = _train_config(prof.train, spec.overrides, prof.mesh_for(spec.train))
     dc = DataConfig(**data_settings, seed=spec.seed)
-    # Without a mesh every device is on data: the batch must split over them.
-    mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (devices or 1, 1)
-    check_mesh_fits(mesh_shape, model, dc.batch_size)
-    if prof.device_memory_gb is not None:
-        need = train_memory(model, dc.batch_size, dc.inputs_length, dc.targets_length,
-                            mesh_shape, tc.optimizer, tc.remat)
-        if need["total"] > prof.device_memory_gb * 2**30:
-            raise ValueError(f"needs about {need['total'] / 2**30:.1f} GiB per device ("
-                             f"{_gib(need)}), over the profile's device_memory_gb="
-                             f"{prof.device_memory_gb:g}; set train.remat: true or use more "
-                             f"devices on model")
+    _check_fits(model, tc, dc, prof, devices)
     record = {"kind": "train", "model": model.model_dump(mode="json"), "init": parent_fps,
               # What is computed, by construction: the optimizer's fields and the seed.
               "train": {**tc.optimizer_config.model_dump(mode="json"), "seed": spec.seed},
@@ -389,6 +451,120 @@ def _plan_train(name, spec: TrainNode, plan: Plan, sizes, prof, data_settings,
                     init=init.model_path if init else None, processes=prof.processes)
 
 
+def _train_config(settings, overrides, mesh: str | None) -> TrainConfig:
+    """A node's training config: the profile's settings, the node's overrides, the mesh."""
+    changed = {k: v for k, v in overrides.model_dump().items() if v is not None}
+    if (scale := changed.pop("steps_scale", None)) is not None:
+        changed["steps"] = settings.steps * scale
+    return TrainConfig(**{**settings.model_dump(), **changed}, mesh=mesh)
+
+
+def _check_fits(model, tc: TrainConfig, dc: DataConfig, prof, devices: int | None) -> None:
+    """The batch must split over the mesh, and a step fit the profile's device memory."""
+    # Without a mesh every device is on data: the batch must split over them.
+    mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (devices or 1, 1)
+    check_mesh_fits(mesh_shape, model, dc.batch_size)
+    if prof.device_memory_gb is not None:
+        need = train_memory(model, dc.batch_size, dc.inputs_length, dc.targets_length,
+                            mesh_shape, tc.optimizer, tc.remat)
+        if need["total"] > prof.device_memory_gb * 2**30:
+            raise ValueError(f"needs about {need['total'] / 2**30:.1f} GiB per device ("
+                             f"{_gib(need)}), over the profile's device_memory_gb="
+                             f"{prof.device_memory_gb:g}; set train.remat: true or use more "
+                             f"devices on model")
+
+
+def kept_steps(tc: TrainConfig) -> list[int]:
+    """The checkpoint steps a finished train node keeps: it saves every `save_every` steps
+    and at its last; Orbax keeps the last `keep_last` and every multiple of `keep_every`."""
+    saved = sorted({*range(tc.save_every, tc.steps + 1, tc.save_every), tc.steps})
+    periodic = {s for s in saved if tc.keep_every and s % tc.keep_every == 0}
+    return sorted(periodic | set(saved[-tc.keep_last:]))
+
+
+def _plan_load(name, spec: LoadNode, plan: Plan, base: Path, vocab_size: int) -> PlannedNode:
+    """A loaded model: its config read (transformers' or ours: each imports its library only
+    here), its fingerprint the hash of its files."""
+    source = (base / Path(spec.load).expanduser()).resolve()
+    if not source.exists():
+        raise ValueError(f"load: {source} does not exist")
+    if (source / "config.json").is_file():
+        import transformers
+
+        from deepfusion_core.hf import config_from_hf
+
+        kind = "hf"
+        model = config_from_hf(transformers.T5Config.from_pretrained(source,
+                                                                     local_files_only=True))
+    else:
+        from deepfusion_core.checkpoint import CheckpointError, model_dir, read_config
+
+        kind = "deepfusion"
+        try:
+            source = model_dir(source)
+            model = read_config(source)
+        except CheckpointError as e:
+            raise ValueError(f"load: {e} (nor a transformers directory: no config.json)") from None
+    if model.vocab_size != vocab_size:
+        raise ValueError(f"load: {source} has vocab_size={model.vocab_size}, but the "
+                         f"profile's vocab makes {vocab_size}")
+    record = {"kind": "load", "source_kind": kind, "content": store.content_digest(source),
+              "model": model.model_dump(mode="json")}
+    fp = _fingerprint(record)
+    return LoadJob(name=name, fingerprint=fp, dir=store.node_path(plan.root, name, fp),
+                   model=model, parents={}, spec=spec.model_dump(mode="json"),
+                   fingerprint_record=record, source=source, source_kind=kind)
+
+
+def _start_of_finetune(spec: FinetuneNode, parent: PlannedNode) -> tuple[int, Path | None, int]:
+    """(the parent's step, the model to start from, the seed of the random init without
+    one) of a fine-tune node."""
+    if not isinstance(parent, TrainJob):  # a fuse or load node's model
+        return 0, parent.model_path, spec.seed
+    steps = parent.train.steps
+    step = round(spec.at * steps)
+    if abs(spec.at * steps - step) > 1e-9:
+        raise ValueError(f"at: {spec.at:g} of {parent.name}'s {steps} steps is not a whole step")
+    if step == 0:  # the parent's own start: its init, or the random params of its seed
+        return 0, parent.init, parent.seed
+    kept = kept_steps(parent.train)
+    if step not in kept:
+        shown = ", ".join(map(str, kept[:8])) + (", ..." if len(kept) > 8 else "")
+        raise ValueError(f"at: {spec.at:g} is step {step} of {parent.name}, which keeps only "
+                         f"the checkpoints of steps {shown} (set its keep_every to a divisor of "
+                         f"{step} that save_every divides)")
+    return step, parent.dir / "checkpoints" / str(step), spec.seed
+
+
+def _plan_finetune(name, spec: FinetuneNode, plan: Plan, sizes, prof, data_settings: dict,
+                   devices: int | None) -> PlannedNode:
+    parent = plan.nodes[spec.finetune]
+    model = parent.model
+    step, init, seed = _start_of_finetune(spec, parent)
+    size = parent.size if isinstance(parent, TrainJob) else next(
+        (k for k, m in sizes.items()
+         if all(getattr(m, f) == getattr(model, f) for f in _DIM_FIELDS)), "")
+    mesh = prof.mesh_for(size) if size else prof.mesh if isinstance(prof.mesh, str) else None
+    tc = _train_config(prof.finetune.train, spec.overrides, mesh)
+    dc = DataConfig(**data_settings, seed=spec.seed)
+    _check_fits(model, tc, dc, prof, devices)
+    glue = prof.finetune.data
+    eval_tasks = [*glue.tasks, *(t for t in glue.eval_tasks if t not in glue.tasks)]
+    record = {"kind": "finetune", "model": model.model_dump(mode="json"),
+              "init": [parent.fingerprint], "at_step": step,
+              "train": {**tc.optimizer_config.model_dump(mode="json"), "seed": spec.seed},
+              "data": {**dc.model_dump(mode="json"), "source": glue.source,
+                       "vocab": prof.data.vocab},
+              "eval": {"tasks": eval_tasks, "examples": glue.eval_examples}}
+    fp = _fingerprint(record)
+    return FinetuneJob(name=name, fingerprint=fp, dir=store.node_path(plan.root, name, fp),
+                       model=model, parents={parent.name: parent.dir},
+                       spec=spec.model_dump(mode="json"), fingerprint_record=record,
+                       size=size, train=tc, data=dc, seed=seed, init=init,
+                       processes=prof.processes, at_step=step, eval_tasks=eval_tasks,
+                       eval_examples=glue.eval_examples)
+
+
 def _gib(parts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
 
@@ -399,7 +575,7 @@ class PlanRow(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    kind: Literal["train", "fuse"]
+    kind: Literal["train", "finetune", "fuse", "load"]
     model: str  # the model's one-line description
     dims: dict  # the model's config
     parents: list[str]

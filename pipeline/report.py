@@ -30,7 +30,8 @@ from pathlib import Path
 from deepfusion_core import workdir_lock
 from deepfusion_core.metrics import EvalRecord
 from pipeline import store
-from pipeline.claims import check_claims
+from pipeline import glue_report
+from pipeline.claims import Measured, check_claims
 from pipeline.plan import Plan
 from pipeline.workdir import Workdir
 
@@ -188,9 +189,11 @@ def _settings_tables(summary: list[dict], max_columns: int | None) -> list[str]:
 
 
 def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
-                    max_columns: int | None = None) -> str:
-    """The settings table (ours beside the paper's) and the claims, as Markdown; with
-    `max_columns`, the settings table as several narrower ones (a UI's page)."""
+                    max_columns: int | None = None, glue_rows: list[dict] = (),
+                    glue: Measured | None = None) -> str:
+    """The settings table (ours beside the paper's), the GLUE tables where settings are
+    fine-tuned, and the claims, as Markdown; with `max_columns`, the settings table as
+    several narrower ones (a UI's page)."""
     baseline = plan.stages.baseline
     lines = [
         f"### {plan.stages.name} at profile `{plan.profile}`",
@@ -210,6 +213,8 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
                    f"seed{'s' if plan.replicas > 1 else ''}); their training took "
                    f"{sum(d.wall_s for d in done) / 60:.0f} min of wall time and "
                    f"{sum(d.flops for d in done):.3g} FLOPs in all.")]
+    if glue is not None:
+        lines += glue_report.markdown(plan, list(glue_rows), glue)
     if claims:
         lines += ["", ("Each claim is judged on the paired differences per seed (a setting "
                        "against another of the same seed): their mean [95% interval]. It holds "
@@ -265,21 +270,39 @@ def write_report(plan: Plan) -> dict:
     """Write the Markdown, CSV and PNG report; returns their paths, the summary and claims."""
     rows, curves = replica_rows(plan)
     summary = summarize(plan, rows)
-    claims = check_claims(plan, rows)
+    fine_tuned = any(s.finetuned for s in plan.stages.settings.values())
+    glue_rows = glue_report.glue_rows(plan) if fine_tuned else []
+    glue = glue_report.measured(plan, glue_rows) if fine_tuned else None
+    claims = check_claims(plan, rows, glue)
     out = store.report_path(plan.root, plan.profile)
     paths = {"markdown": out / "report.md", "csv": out / "settings.csv",
              "plot": out / "curves.png"}
+    if fine_tuned:
+        paths.update(glue_csv=out / "glue.csv", glue_plot=out / "glue.png")
     # A `run` and a flow ending together write one report after the other, not interleaved.
     with workdir_lock.hold(out, f"report {out}", wait=True,
                            log=lambda m: print(m, file=sys.stderr)):
-        paths["markdown"].write_text(markdown_report(plan, summary, claims))
-        with paths["csv"].open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        paths["markdown"].write_text(markdown_report(plan, summary, claims,
+                                                     glue_rows=glue_rows, glue=glue))
+        _write_csv(paths["csv"], COLUMNS, rows)
         plot_curves(plan, curves, paths["plot"])
-    return {"rows": rows, "summary": summary, "claims": claims,
-            **{k: str(v) for k, v in paths.items()}}
+        if fine_tuned:
+            _write_csv(paths["glue_csv"], glue_report.CSV_COLUMNS, [
+                {**{k: r[k] for k in glue_report.CSV_COLUMNS},
+                 **{f"{t} {m}": v for t, ms in r["glue"].items() for m, v in ms.items()}}
+                for r in glue_rows])
+            glue_report.plot(plan, glue_rows, paths["glue_plot"])
+    return {"rows": rows, "summary": summary, "claims": claims, "glue_rows": glue_rows,
+            "glue": glue, **{k: str(v) for k, v in paths.items()}}
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """`rows` as CSV: `columns` first, then any others the first row has (per-task scores)."""
+    extra = [k for k in (rows[0] if rows else {}) if k not in columns]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*columns, *extra])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 _BLOCK = re.compile(r"^(<!-- report (?P<key>\S+ \S+) -->\n).*?^(<!-- end report -->)$",

@@ -1,7 +1,7 @@
 """The `stages.yaml` schema (pydantic) and its loading.
 
 A stages file declares profiles (model sizes, data, training settings and mesh per scale),
-nodes (train or fuse) and settings (what the report compares)::
+nodes (train, fuse or finetune) and settings (what the report compares)::
 
     name: six-settings
     default_profile: tiny
@@ -11,6 +11,7 @@ nodes (train or fuse) and settings (what the report compares)::
       S1:   {train: S, seed: 1}
       M12f: {fuse: [S1, S2], norm: prop, cross_std: 1.0e-3}
       M12:  {train: M, init: M12f}
+      G12:  {finetune: M12, at: 0.5}      # GLUE, from M12's checkpoint halfway
     settings:
       "4": {node: L4, description: "...", paper: {accuracy: 70.74, train_nodes: 7}}
 
@@ -29,6 +30,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
 
+from deepfusion_core import glue
 from deepfusion_core.config import MAX_SEED, ExecutionConfig, OptimizerConfig, T5Config
 from deepfusion_core.errors import validation_errors
 from deepfusion_core.mesh_spec import parse_mesh
@@ -96,13 +98,60 @@ class TrainSettings(OptimizerConfig, ExecutionConfig):
     model_config = _Strict.model_config
 
 
+class GlueData(_Strict):
+    """Fine-tuning data of a profile: GLUE tasks in T5's text-to-text form (same vocab as
+    the profile's pretraining data)."""
+
+    source: str = Field(description="glue:PATH, GLUE's TSV layout (relative to the stages file)")
+    tasks: list[str] = Field(min_length=1, description="trained on as a mixture, and scored")
+    eval_tasks: list[str] = Field(default=[], description=(
+        "also scored on their dev sets, not trained on (e.g. QNLI with only its dev set)"))
+    inputs_length: int = Field(default=128, ge=8)
+    targets_length: int = Field(default=8, ge=2)
+    batch_size: int = Field(default=8, gt=0)
+    pack: bool = True
+    eval_examples: int | None = Field(default=None, gt=0, description=(
+        "score each task on its first N dev examples (default: all of them)"))
+
+    @field_validator("source")
+    @classmethod
+    def _glue_source(cls, v: str) -> str:
+        if not v.startswith("glue:") or len(v) == 5:
+            raise ValueError(f"source must be glue:PATH, not {v!r}")
+        return v
+
+    @field_validator("tasks", "eval_tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            glue.task(name)  # one line naming the task and the known ones
+        if len(set(v)) < len(v):
+            raise ValueError(f"{v} names a task twice")
+        return v
+
+
 class TrainOverrides(_Strict):
     """Per-node changes to the profile's training settings."""
 
     steps: int | None = Field(default=None, gt=0)
+    steps_scale: int | None = Field(default=None, gt=0, description=(
+        "the profile's steps times this (a baseline trained twice as long in every profile)"))
     learning_rate: float | None = Field(default=None, gt=0)
     warmup_steps: int | None = Field(default=None, ge=0)
     optimizer: Literal["adafactor", "adamw"] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_set_steps(self):
+        if self.steps is not None and self.steps_scale is not None:
+            raise ValueError("give steps or steps_scale, not both")
+        return self
+
+
+class FinetuneSettings(_Strict):
+    """Fine-tuning of a profile: the GLUE data, and the training settings of fine-tune nodes."""
+
+    data: GlueData
+    train: TrainSettings
 
 
 class Profile(_Strict):
@@ -124,6 +173,7 @@ class Profile(_Strict):
     # node's seed and names its nodes NODE@k; replica 0 is the file as written, so raising
     # this only adds nodes.
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    finetune: FinetuneSettings | None = None  # what fine-tune nodes do in this profile
 
     @field_validator("mesh")
     @classmethod
@@ -182,18 +232,45 @@ class FuseNode(_Strict):
         return v
 
 
+class FinetuneNode(_Strict):
+    """Fine-tune the model of a train or fuse node on the profile's GLUE tasks, then score it
+    on every dev set by decoding."""
+
+    finetune: str
+    # Where in the train node's run to start: 0 its initial model (a fuse node's output, or
+    # the random init from its seed), 1 its final model; between, the checkpoint at that
+    # fraction of its steps, which its keep_every must keep.
+    at: float = Field(default=1.0, ge=0, le=1)
+    seed: int = Field(default=0, ge=0, le=MAX_NODE_SEED)  # data order
+    overrides: TrainOverrides = TrainOverrides()
+    description: str = ""
+
+
+class LoadNode(_Strict):
+    """An existing model as a root of the DAG: a deepfusion model checkpoint (or a train
+    workdir's latest step) or a transformers T5.1.1 directory (`save_pretrained`), by path
+    relative to the stages file. Its fingerprint hashes the files' content."""
+
+    load: str = Field(min_length=1)
+    description: str = ""
+
+
+_KINDS = ("train", "fuse", "finetune", "load")
+
+
 def _node_kind(value: Any) -> str | None:
     if isinstance(value, dict):
-        if "train" in value and "fuse" not in value:
-            return "train"
-        if "fuse" in value and "train" not in value:
-            return "fuse"
+        kinds = [k for k in _KINDS if k in value]
+        if len(kinds) == 1:
+            return kinds[0]
     return None
 
 
-Node = Annotated[Annotated[TrainNode, Tag("train")] | Annotated[FuseNode, Tag("fuse")],
+Node = Annotated[Annotated[TrainNode, Tag("train")] | Annotated[FuseNode, Tag("fuse")]
+                 | Annotated[FinetuneNode, Tag("finetune")] | Annotated[LoadNode, Tag("load")],
                  Discriminator(_node_kind, custom_error_type="node_kind",
-                               custom_error_message="a node has exactly one of 'train' or 'fuse'")]
+                               custom_error_message="a node has exactly one of 'train', 'fuse', "
+                                                    "'finetune' or 'load'")]
 
 
 class PaperResult(_Strict):
@@ -205,13 +282,19 @@ class PaperResult(_Strict):
         "the final validation loss summed over the paper's validation set (\"Loss @1M\"); "
         "ours is summed per sequence, so compare the order, not the size"))
     train_nodes: int | None = None
+    glue: dict[str, float] = Field(default={}, description=(
+        "GLUE average per fine-tune column (Table 3), e.g. {\"0\": 81.01}"))
+    tpu_hours: float | None = Field(default=None, gt=0, description=(
+        "pretraining time in TPU hours, fusion inputs included (Table 4)"))
 
 
 class Setting(_Strict):
-    """A row of the report: the final node of one way to make the large model."""
+    """A row of the report: the final node of one way to make the large model, and its
+    fine-tuned models by column (Table 3: the fine-tune node of each pretraining step)."""
 
     node: str
     description: str = ""
+    finetuned: dict[str, str] = {}  # column label -> fine-tune node
     paper: PaperResult = PaperResult()
 
 
@@ -219,10 +302,13 @@ class Claim(_Strict):
     """A statement of the paper that the report checks on the runs' final `metric` (mean over
     seeds): `better` settings each beat `than`; `best` beats every other setting; `close`
     settings are within `within` (accuracy points or loss nats); `saving` saves at least
-    `at_least` of the baseline's compute to reach its final accuracy (or loss)."""
+    `at_least` of the baseline's compute to reach its final accuracy (or loss).
+
+    With `metric: glue` a label is a setting (its last fine-tune column) or SETTING@COLUMN,
+    and the value is the fine-tuned model's GLUE average."""
 
     claim: str
-    metric: Literal["accuracy", "loss"] = "accuracy"
+    metric: Literal["accuracy", "loss", "glue"] = "accuracy"
     better: list[str] | None = None
     than: str | None = None
     best: str | None = None
@@ -267,7 +353,7 @@ class Stages(_Strict):
     def _seeds_fit_the_stride(self):
         if any(p.replicas > 1 for p in self.profiles.values()):
             for name, node in self.nodes.items():
-                if node.seed >= SEED_STRIDE:
+                if getattr(node, "seed", 0) >= SEED_STRIDE:
                     raise ValueError(f"nodes.{name}.seed: {node.seed} must be below "
                                      f"{SEED_STRIDE} where a profile has replicas > 1 "
                                      f"(replica k adds k * {SEED_STRIDE})")
@@ -282,7 +368,7 @@ class StagesError(ValueError):
         self.problems = problems
 
 
-_UNION_TAGS = {"train", "fuse", "str", "ModelDims"}
+_UNION_TAGS = {"train", "fuse", "finetune", "load", "str", "ModelDims"}
 
 
 def _where(loc: tuple) -> str | None:

@@ -10,6 +10,7 @@ never written by two processes at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import ExitStack, contextmanager
@@ -75,3 +76,16 @@ def run_lock(pipeline_dir: Path):
             raise LockedError(f"{pipeline_dir} is in use by a running deepfusion run "
                               f"({e.holder}); wait for it or stop it first", e.holder) from None
         yield
+
+
+def content_digest(path: Path) -> str:
+    """A hash of every file under `path` (or of `path` itself): names relative to it, and
+    bytes. What a loaded model's fingerprint rests on: a changed file re-runs its descendants."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

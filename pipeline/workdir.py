@@ -41,7 +41,7 @@ class NodeSummary(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     node: str
-    kind: Literal["train", "fuse"]
+    kind: Literal["train", "finetune", "fuse", "load"]
     fingerprint: str
     run_wall_s: float
     flops: int | float
@@ -55,6 +55,9 @@ class NodeSummary(BaseModel):
     eval_loss: float | None = None
     eval_loss_sum: float | None = None
     eval_accuracy: float | None = None
+    # A fine-tune node's only: each GLUE task's metrics (in points) and their average.
+    glue: dict[str, dict[str, float]] | None = None
+    glue_average: float | None = None
 
     def to_json(self) -> dict:
         """The JSON-able form DONE is written in (a fuse node's summary without the train
@@ -68,6 +71,9 @@ class NodeSummary(BaseModel):
             return None if value is None else round(value, digits)
 
         row: dict[str, str | int | float | None] = {"node": self.node, "kind": self.kind}
+        if self.kind == "finetune":
+            row.update({"step": self.step, "GLUE": rounded(self.glue_average, 2),
+                        "loss": rounded(self.eval_loss, 4)})
         if self.kind == "train":
             row.update({"step": self.step,
                         "accuracy %": rounded(self.eval_accuracy and 100 * self.eval_accuracy, 2),

@@ -30,7 +30,8 @@ def shared_data() -> Path:
 
 # The longest files first: with `--dist loadfile` each goes whole to one worker, and starting
 # them last left one worker idle for minutes at the end of the suite.
-LONGEST_FIRST = ("test_train.py", "test_pipeline.py", "test_flows.py", "test_distributed.py",
+LONGEST_FIRST = ("test_train.py", "test_pipeline.py", "test_flows.py", "test_glue_report.py",
+                 "test_distributed.py",
                  "test_concurrency.py", "test_train_checkpoint.py", "test_disk_full.py")
 
 

@@ -292,8 +292,8 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
     assert form.keys() == {"stages", "profile", "nodes", "force", "runs_dir", "retries",
                            "accelerator_slots"}
     assert all(len(field.get("description", "")) > 20 for field in form.values()), form
-    shipped = [name for path in ("stages.yaml", "stages_table1.yaml")
-               for name in yaml.safe_load((REPO / path).read_text())["profiles"]]
+    shipped = [name for path in sorted(REPO.glob("stages*.yaml"))
+               for name in yaml.safe_load(path.read_text())["profiles"]]
     [choices] = [option["enum"] for option in form["profile"]["anyOf"] if "enum" in option]
     assert set(choices) == set(shipped) and len(choices) == len(set(shipped))
     assert deployment["enforce_parameter_schema"] is False  # another stages file, other profiles
@@ -451,6 +451,22 @@ def test_cancel_or_the_workers_sigkill_stops_the_node_at_a_checkpoint_and_a_reru
     assert task_runs(prefect, completed)["Ma"]["state_name"] == "Completed"
     assert Workdir(ma.dir).done_record().first_step == second_stop
     assert accelerator_slots_in_use(prefect) == 0
+
+
+def test_the_glue_deployment_runs_fine_tune_nodes_as_tasks(prefect, shared_data, tmp_path):
+    """stages_glue.yaml through its deployment: the same flow, a task per node, a fine-tune
+    node among them (its GLUE scores in its task's logs, Table 3 in the report artifact)."""
+    run_id = start_run(prefect, "glue-medium", stages=str(REPO / "stages_glue.yaml"),
+                       profile="smoke", runs_dir=str(tmp_path / "runs"), nodes=["G_self_0"])
+    run = wait_run(prefect, run_id, timeout=600)
+    assert run["state_type"] == "COMPLETED", run_logs(prefect, run_id)[-3000:]
+    tasks = task_runs(prefect, run_id)
+    assert {n: t["state_name"] for n, t in tasks.items()} == {
+        "S1": "Completed", "Mself_f": "Completed", "G_self_0": "Completed"}
+    assert "finetune" in tasks["G_self_0"]["tags"]
+    assert logged(prefect, run_id, "G_self_0: GLUE average"), run_logs(prefect, run_id)[-3000:]
+    report = run_artifact(prefect, run_id, "glue-medium-report-md")["data"]
+    assert "(the paper's Table 3)" in report and "| self-fusion | " in report
 
 
 def test_a_bad_stages_file_fails_the_run_at_once_with_the_message(prefect, tmp_path):

@@ -4,12 +4,16 @@ and refusals that write nothing."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch  # the `hf` extra is part of the test install: fail, never skip, without it
 import transformers
+import yaml
 from transformers.models.t5.modeling_t5 import T5Attention
 from typer.testing import CliRunner
 
@@ -18,6 +22,8 @@ from deepfusion_core import hf
 from deepfusion_core.checkpoint import CheckpointError, load_model, save_model
 from deepfusion_core.config import PRESETS
 from deepfusion_core.model import forward, relative_position_buckets
+from pipeline.plan import build_plan
+from pipeline.workdir import Workdir
 
 CFG = PRESETS["tiny-S"].model_copy(update={"vocab_size": 512})
 
@@ -163,3 +169,49 @@ def test_cli_round_trip_and_one_line_errors(hf_model, tmp_path):
     result = runner.invoke(app, ["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "x")])
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0
     assert not (tmp_path / "x").exists()
+
+
+def test_a_dag_rooted_at_a_transformers_model_self_fuses_it_exactly_and_fine_tunes_it(
+        shared_data, tmp_path):
+    """A load node over a locally built transformers T5.1.1 (the byte vocabulary's size), its
+    self fusion (the fused logits are the original's) and a fine-tune of the fusion, through
+    `deepfusion run`; a changed weight file changes every fingerprint downstream."""
+    cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384})
+    torch.manual_seed(1)
+    model = transformers.T5ForConditionalGeneration(hf.config_to_hf(cfg)).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * 0.2)
+    model.save_pretrained(tmp_path / "t5")
+    finetune = {"data": {"source": f"glue:{shared_data / 'glue'}", "tasks": ["rte"],
+                         "targets_length": 16, "batch_size": 8, "eval_examples": 16},
+                "train": {"steps": 2, "learning_rate": 0.001, "warmup_steps": 0,
+                          "schedule": "constant", "eval_batches": 1, "save_every": 2}}
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(yaml.safe_dump({
+        "name": "public-t5", "default_profile": "smoke",
+        "profiles": {"smoke": {"models": {"S": "tiny-S"}, "finetune": finetune,
+                               "data": {"source": "builtin", "vocab": "byte", "batch_size": 4},
+                               "train": {"steps": 2, "eval_batches": 1}}},
+        "nodes": {"T5": {"load": "t5"}, "T5x2": {"fuse": ["T5", "T5"]},
+                  "G": {"finetune": "T5x2", "seed": 5}}}))
+    runs = tmp_path / "runs"
+    proc = subprocess.run([str(Path(sys.executable).parent / "deepfusion"), "run", str(stages),
+                           "--runs-dir", str(runs)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    plan = build_plan(stages, "smoke", runs)
+    assert plan.nodes["T5"].source_kind == "hf"
+    original, fused = (load_model(plan.nodes[n].model_path) for n in ("T5", "T5x2"))
+    assert fused[0].d_model == 2 * cfg.d_model
+    rng = np.random.default_rng(0)
+    enc = rng.integers(2, cfg.vocab_size, (2, 12)).astype(np.int32)
+    dec = np.concatenate([np.zeros((2, 1), np.int32),
+                          rng.integers(2, cfg.vocab_size, (2, 8)).astype(np.int32)], 1)
+    diff = np.abs(np.asarray(forward(*fused, enc, dec)) - np.asarray(forward(*original, enc, dec)))
+    assert diff.max() <= 1e-5
+    summary = Workdir(plan.nodes["G"].dir).done_record()
+    assert summary.kind == "finetune" and set(summary.glue) == {"rte"}
+    weights = next((tmp_path / "t5").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    again = build_plan(stages, "smoke", runs)
+    assert all(again.nodes[n].fingerprint != plan.nodes[n].fingerprint for n in plan.nodes)
