@@ -329,10 +329,13 @@ def update_document(document: Path, plan: Plan, report: dict) -> bool:
         return False
     figures = document.parent / "figures"
     figures.mkdir(exist_ok=True)
-    figure = figures / f"{plan.stages.name}-{plan.profile}.png"
-    figure.write_bytes(Path(report["plot"]).read_bytes())
-    body = (Path(report["markdown"]).read_text()
-            + f"\n![{plan.stages.name} at {plan.profile}]({figure.relative_to(document.parent)})\n")
+    body = Path(report["markdown"]).read_text()
+    for key, suffix in (("plot", ""), ("glue_plot", "-glue")):
+        if key in report:
+            figure = figures / f"{plan.stages.name}-{plan.profile}{suffix}.png"
+            figure.write_bytes(Path(report[key]).read_bytes())
+            body += (f"\n![{plan.stages.name} at {plan.profile}{suffix}]"
+                     f"({figure.relative_to(document.parent)})\n")
     m = found[0]
     text = text[:m.start()] + m.group(1) + body + m.group(3) + text[m.end():]
     store.write_text_atomic(document, text)
