@@ -211,7 +211,7 @@ def plot(plan: Plan, rows: list[dict], path: Path) -> None:
     ax.set_xlabel("pretraining FLOPs (fusion inputs included)")
     ax.set_ylabel("GLUE average")
     ax.grid(alpha=0.3)
-    if rows:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     ax.set_title(f"{plan.stages.name}, profile {plan.profile}: GLUE against compute")
     fig.tight_layout()

@@ -257,7 +257,7 @@ def plot_curves(plan: Plan, curves: dict[tuple[str, int], Curve], path: Path) ->
         ax.set_xlabel("cumulative training FLOPs (all ancestors)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    if curves:
+    if acc_ax.get_legend_handles_labels()[0]:  # a store with no evaluations draws none
         acc_ax.legend(fontsize=7)
     fig.suptitle(f"{plan.stages.name}, profile {plan.profile}"
                  + (f" ({plan.replicas} seeds)" if plan.replicas > 1 else ""))
