@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from deepfusion_cli.main import app
 from deepfusion_core import load_model
 from deepfusion_core.metrics import TrainRecord
 from pipeline.job import FinetuneJob, read_job, write_job
@@ -32,16 +34,18 @@ DEEPFUSION = str(Path(sys.executable).parent / "deepfusion")
 
 @pytest.fixture(scope="module")
 def smoke(shared_data, tmp_path_factory):
+    """`deepfusion run stages_glue.yaml --profile smoke`, the command itself, in this process
+    (a process of its own would only add its start-up)."""
     runs = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run([DEEPFUSION, "run", str(STAGES), "--profile", "smoke", "--runs-dir",
-                           str(runs)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return build_plan(STAGES, "smoke", runs), proc
+    result = CliRunner().invoke(app, ["run", str(STAGES), "--profile", "smoke", "--runs-dir",
+                                      str(runs)])
+    assert result.exit_code == 0, result.output[-3000:]
+    return build_plan(STAGES, "smoke", runs), result
 
 
 @pytest.mark.slow
 def test_the_smoke_dag_fine_tunes_every_model_and_reports_table_3(smoke):
-    plan, proc = smoke
+    plan, _ = smoke
     assert all(Workdir(node.dir).is_done() for node in plan.nodes.values())
     finetuned = [n for n in plan.nodes.values() if isinstance(n, FinetuneJob)]
     assert len(finetuned) == 11
@@ -79,10 +83,10 @@ def test_fine_tunes_start_where_the_paper_says(smoke):
     # The baseline's step 0 is its own random init (its seed, no model to load); the others
     # start from the kept checkpoint at their fraction of the steps, or the fused model.
     assert nodes["G_base_0"].init is None and nodes["G_base_0"].seed == nodes["M0"].seed
-    assert nodes["G_base_half"].init == nodes["M0"].dir / "checkpoints" / "4"
-    assert nodes["G_base_K"].init == nodes["M0"].dir / "checkpoints" / "8"
+    assert nodes["G_base_half"].init == nodes["M0"].dir / "checkpoints" / "2"
+    assert nodes["G_base_K"].init == nodes["M0"].dir / "checkpoints" / "4"
     assert nodes["G_prop_0"].init == Workdir(nodes["Mprop_f"].dir).model
-    assert nodes["G_small_2K"].init == nodes["S1long"].dir / "checkpoints" / "16"
+    assert nodes["G_small_2K"].init == nodes["S1long"].dir / "checkpoints" / "8"
     for name in ("G_base_half", "G_base_K", "G_small_2K"):
         assert nodes[name].init.is_dir()  # kept by the parent's keep_every
 
@@ -138,7 +142,7 @@ def test_glue_claims_are_judged_on_paired_seeds(shared_data, tmp_path):
 
 
 def test_a_fine_tune_node_killed_with_sigkill_resumes_bit_identically(smoke, tmp_path):
-    """The smoke run's G_prop_K (8 steps, a checkpoint every 2) run again in a directory of
+    """The smoke run's G_prop_K (4 steps, a checkpoint every 2) run again in a directory of
     its own, killed with SIGKILL after a checkpoint and run again: the same params, train
     records and GLUE scores as the smoke run's uninterrupted node."""
     plan, _ = smoke
@@ -166,5 +170,5 @@ def test_a_fine_tune_node_killed_with_sigkill_resumes_bit_identically(smoke, tmp
     def losses(node):
         return [(r.step, r.loss) for r in Workdir(node).metrics_records()
                 if isinstance(r, TrainRecord)]
-    assert losses(node_dir) == losses(straight) and len(losses(straight)) == 8
+    assert losses(node_dir) == losses(straight) and len(losses(straight)) == 4
     assert read_job(node_dir).kind == "finetune"
