@@ -1,8 +1,7 @@
 """Node jobs: one node of a plan, resolved, as a process runs it.
 
-The plan resolves every node of a stages file into a `TrainJob`, `FinetuneJob` or `FuseJob`:
-its configs,
-its parents' directories, its own directory. A job is all a node's process needs: written
+The plan resolves every node of a stages file into a `TrainJob`, `FinetuneJob`, `FuseJob` or
+`LoadJob`: its configs, its parents' directories, its own directory. A job is all a node's process needs: written
 into the node directory as `job.json` (`write_job`), it is run there by
 
     deepfusion run-job NODE_DIR
@@ -163,13 +162,9 @@ class FinetuneJob(TrainJob):
         return {**summary, "glue": scores, "glue_average": average}
 
 
-class LoadJob(_Job):
-    """Bring an existing model into the node store: a transformers T5.1.1 directory
-    converted, or a deepfusion checkpoint copied (its checksums verified on the way)."""
-
-    kind: Literal["load"] = "load"
-    source: Path
-    source_kind: Literal["hf", "deepfusion"]
+class _ModelJob(_Job):
+    """A node that makes one model checkpoint, `model/`, without training: no FLOPs of this
+    DAG's. Its `run` reuses a model saved before a crash (the save itself is atomic)."""
 
     @property
     def model_path(self) -> Path:
@@ -178,7 +173,29 @@ class LoadJob(_Job):
 
     @property
     def flops(self) -> int:
-        return 0  # made elsewhere: its compute is not this DAG's
+        return 0
+
+    def make_model(self, out: Path, log: Log) -> None:
+        """Write the node's model to `out`."""
+        raise NotImplementedError
+
+    def run(self, log: Log, progress: bool, primary: bool) -> dict:
+        """Make and save the model (or reuse it); the summary, zeros."""
+        out = self.model_path
+        if out.exists():  # a crash after saving but before DONE
+            log(f"{self.name}: reusing the model at {out}")
+        else:
+            self.make_model(out, log)
+        return {"kind": "summary", "flops": 0, "tokens": 0, "wall_s": 0.0, "device_s": 0.0}
+
+
+class LoadJob(_ModelJob):
+    """Bring an existing model into the node store: a transformers T5.1.1 directory
+    converted, or a deepfusion checkpoint copied (its checksums verified on the way)."""
+
+    kind: Literal["load"] = "load"
+    source: Path
+    source_kind: Literal["hf", "deepfusion"]
 
     def describe_work(self) -> str:
         return f"load {self.source_kind}"
@@ -187,25 +204,20 @@ class LoadJob(_Job):
         total = 4 * count_params(self.model)
         return {"host": total, "total": total}
 
-    def run(self, log: Log, progress: bool, primary: bool) -> dict:
-        """Convert or copy the model into `model/` (reusing one saved before a crash)."""
+    def make_model(self, out: Path, log: Log) -> None:
+        """Convert or copy the model."""
         from deepfusion_core import load_model, save_model
 
-        out = self.model_path
-        if out.exists():
-            log(f"{self.name}: reusing the loaded model at {out}")
-        elif self.source_kind == "hf":
+        if self.source_kind == "hf":
             from deepfusion_core.hf import import_hf
 
             import_hf(self.source, out)
         else:
-            cfg, params = load_model(self.source)
-            save_model(out, cfg, params)
+            save_model(out, *load_model(self.source))
         log(f"{self.name}: loaded {self.source} ({self.model.describe()})")
-        return {"kind": "summary", "flops": 0, "tokens": 0, "wall_s": 0.0, "device_s": 0.0}
 
 
-class FuseJob(_Job):
+class FuseJob(_ModelJob):
     """Fuse the models in `inputs` (the same one twice: self fusion) into `model`."""
 
     kind: Literal["fuse"] = "fuse"
@@ -215,15 +227,6 @@ class FuseJob(_Job):
     cross_std: float
     weights: list[float] | None = None
     seed: int
-
-    @property
-    def model_path(self) -> Path:
-        """Where the node's model is: its `model/` checkpoint."""
-        return Workdir(self.dir).model
-
-    @property
-    def flops(self) -> int:
-        return 0  # a copy, not compute
 
     def describe_work(self) -> str:
         return "fuse"
@@ -235,25 +238,20 @@ class FuseJob(_Job):
         total = 4 * sum(count_params(m) for m in models)
         return {"host": total, "total": total}
 
-    def run(self, log: Log, progress: bool, primary: bool) -> dict:
-        """Fuse and save (reusing a model saved before a crash); the summary."""
+    def make_model(self, out: Path, log: Log) -> None:
+        """Fuse the inputs."""
         from deepfusion_core import fuse, load_model, save_model
 
-        out = self.model_path
-        if out.exists():  # a crash after saving but before DONE: the save itself is atomic
-            log(f"{self.name}: reusing fused model at {out}")
-        else:
-            loaded = {path: load_model(path) for path in dict.fromkeys(self.inputs)}
-            start = time.perf_counter()
-            cfg, params = fuse([loaded[p] for p in self.inputs], norm=self.norm,
-                               cross_std=self.cross_std, seed=self.seed, weights=self.weights)
-            if cfg != self.model:
-                raise RuntimeError(f"{self.name}: fused {cfg.describe()}, but the plan "
-                                   f"expects {self.model.describe()}")
-            save_model(out, cfg, params)
-            log(f"{self.name}: fused {' + '.join(self.spec['fuse'])} -> {cfg.describe()} "
-                f"in {time.perf_counter() - start:.1f}s")
-        return {"kind": "summary", "flops": 0, "tokens": 0, "wall_s": 0.0, "device_s": 0.0}
+        loaded = {path: load_model(path) for path in dict.fromkeys(self.inputs)}
+        start = time.perf_counter()
+        cfg, params = fuse([loaded[p] for p in self.inputs], norm=self.norm,
+                           cross_std=self.cross_std, seed=self.seed, weights=self.weights)
+        if cfg != self.model:
+            raise RuntimeError(f"{self.name}: fused {cfg.describe()}, but the plan "
+                               f"expects {self.model.describe()}")
+        save_model(out, cfg, params)
+        log(f"{self.name}: fused {' + '.join(self.spec['fuse'])} -> {cfg.describe()} "
+            f"in {time.perf_counter() - start:.1f}s")
 
 
 Job = Annotated[TrainJob | FinetuneJob | FuseJob | LoadJob, Field(discriminator="kind")]

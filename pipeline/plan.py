@@ -24,12 +24,12 @@ from deepfusion_core import sources
 from deepfusion_core.errors import validation_lines
 from deepfusion_core.eval_check import check_eval_batches
 from deepfusion_core.vocab import vocab_size_for_model
-from deepfusion_core.config import PRESETS, DataConfig, TrainConfig
+from deepfusion_core.config import PRESETS, DataConfig, TrainConfig, source_parts
 from deepfusion_core.fusion import FusionError, default_norm, fused_config
 from deepfusion_core.memory import train_memory
 from deepfusion_core.mesh_spec import check_mesh_fits, parse_mesh
-from pipeline import store
 from deepfusion_core.glue import check_tasks
+from pipeline import store
 from pipeline.job import FinetuneJob, FuseJob, LoadJob, TrainJob
 from pipeline.workdir import NODE_FILE, Workdir
 from pipeline.spec import (SEED_STRIDE, FinetuneNode, FuseNode, LoadNode, Stages, StagesError,
@@ -377,7 +377,7 @@ def _finetune_data(profile: str, prof, base: Path, vocab: str,
     settings = {"source": _resolve_path_spec(data.source, base), "vocab": vocab,
                 "tasks": tuple(data.tasks), **data.model_dump(
                     include={"inputs_length", "targets_length", "batch_size", "pack"})}
-    glue_dir = settings["source"].partition(":")[2]
+    glue_dir = source_parts(settings["source"])[1]
     try:
         check_tasks(glue_dir, data.tasks)
         check_tasks(glue_dir, data.eval_tasks, splits=("validation",))

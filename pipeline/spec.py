@@ -31,7 +31,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, field_validator, model_validator)
 
 from deepfusion_core import glue
-from deepfusion_core.config import MAX_SEED, ExecutionConfig, OptimizerConfig, T5Config
+from deepfusion_core.config import (MAX_SEED, ExecutionConfig, OptimizerConfig, T5Config,
+                                    source_parts)
 from deepfusion_core.errors import validation_errors
 from deepfusion_core.mesh_spec import parse_mesh
 
@@ -116,8 +117,9 @@ class GlueData(_Strict):
     @field_validator("source")
     @classmethod
     def _glue_source(cls, v: str) -> str:
-        if not v.startswith("glue:") or len(v) == 5:
+        if not v.startswith("glue:"):
             raise ValueError(f"source must be glue:PATH, not {v!r}")
+        source_parts(v)  # and a PATH after it
         return v
 
     @field_validator("tasks", "eval_tasks")
