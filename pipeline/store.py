@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -45,8 +46,10 @@ class LockedError(workdir_lock.LockedError):
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so a reader sees the old file or the whole new one (fsynced
-    before the rename, so a crash cannot leave an empty file in place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    before the rename, so a crash cannot leave an empty file in place). Writers at once are
+    safe: each writes its own temporary file (a shared one would be renamed away from all
+    but one of them), and the last rename wins."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         tmp.write_text(text)
         with tmp.open("rb") as f:

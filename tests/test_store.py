@@ -5,12 +5,14 @@ hold, and it must not change.
 """
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import pydantic
 import pytest
 
 from deepfusion_core.metrics import EvalRecord, SummaryRecord, TrainRecord
+from pipeline import store
 from pipeline.workdir import NodeSummary, Workdir
 
 # A train node's and a fuse node's DONE, as a run wrote them (runs-tiny, c4-tiny), the first
@@ -156,3 +158,24 @@ def test_a_summary_reads_as_a_short_rounded_row():
                      "wall s": 67.6}
     fuse = NodeSummary.model_validate_json(FUSE_DONE).display_row()
     assert fuse == {"node": "M12f", "kind": "fuse", "FLOPs": "0", "wall s": 2.7}
+
+
+def _write_many(path: Path, text: str, times: int) -> None:
+    for _ in range(times):
+        store.write_text_atomic(path, text)
+
+
+def test_concurrent_atomic_writers_of_one_file_all_succeed(tmp_path):
+    # Found by CI: two `run-node S1` at once both write job.json; with one shared temporary
+    # name, one writer's rename took the other's file away and that writer failed (ENOENT).
+    path = tmp_path / "job.json"
+    texts = [f"writer {i}\n" * 1000 for i in range(4)]
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_write_many, args=(path, text, 300)) for text in texts]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0] * len(writers)
+    assert path.read_text() in texts  # one writer's whole text, never a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"]  # no temporary left behind
