@@ -16,7 +16,7 @@ with `EXTRA_IDS` sentinels; see `deepfusion_core.vocab`. Reading the data is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
                       model_validator)
@@ -249,12 +249,28 @@ class OptimizerConfig(_Config):
     _omit_at_default = _leave_out_at_default("schedule")
 
 
+class Kernels(NamedTuple):
+    """How the train step is computed, never what: the part of `ExecutionConfig` that changes
+    the compiled program (so in the compile cache key), and each choice's result equals the
+    default's within floating-point rounding (tests hold every one to its reference)."""
+
+    remat: bool = False
+    attention: str = "reference"
+    loss_chunk: int = 0
+
+
 class ExecutionConfig(_Config):
-    """How a train node runs, never what it computes: in no fingerprint, and (but `remat`,
-    which changes the compiled program) in no compile cache key."""
+    """How a train node runs, never what it computes: in no fingerprint, and (but `kernels`,
+    which change the compiled program) in no compile cache key."""
 
     remat: bool = Field(default=False, description="Recompute layers in the backward pass "
                                                    "(memory for compute).")
+    attention: Literal["reference", "xla", "cudnn"] = Field(
+        default="reference", description="The attention kernel: reference (einsums), xla or "
+        "cudnn (jax.nn.dot_product_attention; cudnn is a GPU's fused kernel, bfloat16 only).")
+    loss_chunk: int = Field(default=0, ge=0, description="Compute the logits and their "
+                            "cross-entropy for this many target tokens at a time, never all "
+                            "at once (0: all at once).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every K steps (0: at the "
                                                          "end only).")
     eval_batches: int = Field(default=4, gt=0, description="Validation batches per evaluation.")
@@ -265,6 +281,11 @@ class ExecutionConfig(_Config):
     log_every: int | None = Field(default=None, gt=0, description="Without a progress bar, "
                                   "log a line every K steps (default: a tenth of the steps), "
                                   "and at least every 30 s.")
+
+    @property
+    def kernels(self) -> Kernels:
+        """The settings that change the compiled step (its compile cache key)."""
+        return Kernels(self.remat, self.attention, self.loss_chunk)
 
 
 class TrainConfig(OptimizerConfig, ExecutionConfig):

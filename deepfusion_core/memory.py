@@ -35,8 +35,9 @@ _MODEL_AXES = {"heads", "mlp", "vocab"}  # the logical axes `sharding.LOGICAL_RU
 
 def train_memory(cfg: T5Config, batch: int, inputs_length: int, targets_length: int,
                  mesh: tuple[int, int], optimizer: str = "adafactor",
-                 remat: bool = False) -> dict[str, int]:
-    """Estimated bytes per device of one training step, by part, and their `total`."""
+                 remat: bool = False, loss_chunk: int = 0) -> dict[str, int]:
+    """Estimated bytes per device of one training step, by part, and their `total`
+    (`loss_chunk`: the logits made that many target positions at a time)."""
     data, model = mesh
     layout = param_layout(cfg).values()
     flat_shapes = [spec.shape for spec in layout]
@@ -50,7 +51,7 @@ def train_memory(cfg: T5Config, batch: int, inputs_length: int, targets_length: 
     else:
         parts["optimizer"] = sum(_adafactor_floats(s) // k for s, k in zip(flat_shapes, split)) * 4
     parts["activations"] = _activation_bytes(cfg, batch // data, inputs_length, targets_length,
-                                             model, compute_bytes, remat)
+                                             model, compute_bytes, remat, loss_chunk)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -63,7 +64,7 @@ def _adafactor_floats(shape) -> int:
 
 
 def _activation_bytes(cfg: T5Config, b: int, i: int, o: int, model: int, c: int,
-                      remat: bool) -> int:
+                      remat: bool, loss_chunk: int = 0) -> int:
     d, f, v = cfg.d_model, cfg.d_ff // model, cfg.vocab_size // model
     h = cfg.num_heads // model
     a = h * cfg.head_dim
@@ -76,7 +77,7 @@ def _activation_bytes(cfg: T5Config, b: int, i: int, o: int, model: int, c: int,
     norms = lambda tokens, n: 4 * tokens * d * 2 * n  # noqa: E731 - float32 in and out
     enc_layer = norms(i, 2) + attention(i, i) + mlp(i)
     dec_layer = norms(o, 3) + attention(o, o) + attention(o, i) + mlp(o)
-    head = 2 * 4 * o * v  # float32 logits and their gradient
+    head = 2 * 4 * min(o, loss_chunk or o) * v  # float32 logits and their gradient
     n = cfg.num_layers
     if remat:  # every layer's input (compute dtype), plus one layer's recomputed activations
         layers = c * d * n * (i + o) + max(enc_layer, dec_layer)
@@ -102,7 +103,7 @@ def compiled_memory(cfg: T5Config, tc, batch: int, inputs_length: int,
     mesh_shape = sharding.parse_mesh(tc.mesh)
     sharding.check_mesh(mesh_shape, cfg, batch)
     mesh = sharding.make_mesh(mesh_shape)
-    steps = compiled_steps(cfg, tc.optimizer_config, tc.remat, mesh)
+    steps = compiled_steps(cfg, tc.optimizer_config, tc.kernels, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     lengths = {"encoder": inputs_length, "decoder": targets_length}
     abstract_batch = {

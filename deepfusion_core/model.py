@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepfusion_core.attention import attend
 from deepfusion_core.config import T5Config
 from deepfusion_core.param_layout import Params, count_params  # noqa: F401 - the model's API
 from deepfusion_core.param_layout import param_layout, unflatten
@@ -162,9 +163,11 @@ def _dense(features, axis, axes: tuple[str, ...], dtype, scale: float = 1.0, nam
 
 
 class Attention(nn.Module):
-    """Multi-head attention; `bias` carries position bias and masks, [b or 1, H, q, k]."""
+    """Multi-head attention; `bias` carries position bias and masks, [b or 1, H, q, k];
+    `kernel` is one of `attention.IMPLEMENTATIONS` (same result)."""
 
     cfg: T5Config
+    kernel: str = "reference"
 
     @nn.compact
     def __call__(self, x_q, x_kv, bias):
@@ -175,9 +178,7 @@ class Attention(nn.Module):
         q = _dense(heads, -1, qkv_axes, dt, 1.0 / cfg.head_dim, "query")(x_q)
         k = _dense(heads, -1, qkv_axes, dt, name="key")(x_kv)
         v = _dense(heads, -1, qkv_axes, dt, name="value")(x_kv)
-        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) + bias
-        weights = jax.nn.softmax(logits, axis=-1).astype(dt)
-        ctx = jnp.einsum("bhqs,bshk->bqhk", weights, v)
+        ctx = attend(q, k, v, bias, self.kernel)
         return _dense(cfg.d_model, (-2, -1), ("heads", "kv", "embed"), dt, name="out")(ctx)
 
 
@@ -201,23 +202,26 @@ def _norm(cfg: T5Config, name: str) -> RMSNorm:
 
 class EncoderLayer(nn.Module):
     cfg: T5Config
+    attention: str = "reference"
 
     @nn.compact
     def __call__(self, x, bias):
         h = _norm(self.cfg, "pre_attention_layer_norm")(x)
-        x = x + Attention(self.cfg, name="attention")(h, h, bias)
+        x = x + Attention(self.cfg, self.attention, name="attention")(h, h, bias)
         return x + MLP(self.cfg, name="mlp")(_norm(self.cfg, "pre_mlp_layer_norm")(x))
 
 
 class DecoderLayer(nn.Module):
     cfg: T5Config
+    attention: str = "reference"
 
     @nn.compact
     def __call__(self, y, encoded, self_bias, cross_bias):
         h = _norm(self.cfg, "pre_self_attention_layer_norm")(y)
-        y = y + Attention(self.cfg, name="self_attention")(h, h, self_bias)
+        y = y + Attention(self.cfg, self.attention, name="self_attention")(h, h, self_bias)
         h = _norm(self.cfg, "pre_cross_attention_layer_norm")(y)
-        y = y + Attention(self.cfg, name="encoder_decoder_attention")(h, encoded, cross_bias)
+        y = y + Attention(self.cfg, self.attention, name="encoder_decoder_attention")(
+            h, encoded, cross_bias)
         return y + MLP(self.cfg, name="mlp")(_norm(self.cfg, "pre_mlp_layer_norm")(y))
 
 
@@ -230,6 +234,16 @@ def _mask_bias(q_segments, k_segments, k_tokens, causal: bool):
     return jnp.where(ok, 0.0, _NEG_INF)[:, None].astype(jnp.float32)
 
 
+def logits_from_features(cfg: T5Config, params: Params, features) -> jax.Array:
+    """The float32 logits of decoder features [..., d_model], computed as the model's own
+    `logits_dense` does (for a loss that makes them a chunk at a time)."""
+    dt = _compute_dtype(cfg)
+    kernel = params["decoder"]["logits_dense"]["kernel"].astype(dt)
+    x = features.astype(dt)
+    return _matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(
+        *x.shape[:-1], -1).astype(jnp.float32)
+
+
 def _layer(cls, remat: bool):
     # Rematerialised layers keep only their inputs for the backward pass and recompute the
     # rest: what lets the paper-size models fit a TPU core (see `memory.py`). Same params.
@@ -239,6 +253,7 @@ def _layer(cls, remat: bool):
 class Encoder(nn.Module):
     cfg: T5Config
     remat: bool = False
+    attention: str = "reference"
 
     @nn.compact
     def __call__(self, x, tokens, segments):
@@ -246,13 +261,19 @@ class Encoder(nn.Module):
         bias = RelativePositionBias(self.cfg, True, name="relpos_bias")(n, n)
         bias = bias + _mask_bias(segments, segments, tokens, causal=False)
         for i in range(self.cfg.num_layers):
-            x = _layer(EncoderLayer, self.remat)(self.cfg, name=f"layers_{i}")(x, bias)
+            x = _layer(EncoderLayer, self.remat)(self.cfg, self.attention,
+                                                 name=f"layers_{i}")(x, bias)
         return _norm(self.cfg, "encoder_norm")(x)
 
 
 class Decoder(nn.Module):
+    """The decoder stack; float32 logits, or with `logits=False` the final normed features
+    (the loss then makes the logits itself, a chunk of tokens at a time)."""
+
     cfg: T5Config
     remat: bool = False
+    attention: str = "reference"
+    logits: bool = True
 
     @nn.compact
     def __call__(self, y, encoded, enc_tokens, enc_segments, dec_segments):
@@ -264,22 +285,28 @@ class Decoder(nn.Module):
                                            jnp.ones_like(dec_segments), causal=True)
         cross_bias = _mask_bias(dec_segments, enc_segments, enc_tokens, causal=False)
         for i in range(self.cfg.num_layers):
-            y = _layer(DecoderLayer, self.remat)(self.cfg, name=f"layers_{i}")(
+            y = _layer(DecoderLayer, self.remat)(self.cfg, self.attention, name=f"layers_{i}")(
                 y, encoded, self_bias, cross_bias)
         y = _norm(self.cfg, "decoder_norm")(y)
+        if not self.logits:
+            return y
         logits = _dense(self.cfg.vocab_size, -1, ("embed", "vocab"), _compute_dtype(self.cfg),
                         name="logits_dense")(y)
         return logits.astype(jnp.float32)
 
 
 class T5(nn.Module):
-    """The whole encoder-decoder; `__call__` returns float32 logits [batch, dec_len, vocab].
+    """The whole encoder-decoder; `__call__` returns float32 logits [batch, dec_len, vocab]
+    (with `logits=False`, the decoder's final features [batch, dec_len, d_model]).
 
-    `remat` recomputes each layer in the backward pass instead of keeping its activations.
+    `remat` recomputes each layer in the backward pass instead of keeping its activations;
+    `attention` picks the kernel (`attention.IMPLEMENTATIONS`). Neither changes the result.
     """
 
     cfg: T5Config
     remat: bool = False
+    attention: str = "reference"
+    logits: bool = True
 
     @nn.compact
     def __call__(self, enc_tokens, dec_tokens, enc_segments=None, dec_segments=None):
@@ -292,10 +319,10 @@ class T5(nn.Module):
                          param_dtype=jnp.float32, name="token_embedder",
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(1.0), ("vocab", "embed")))
-        encoded = Encoder(cfg, self.remat, name="encoder")(embed(enc_tokens), enc_tokens,
-                                                           enc_segments)
-        return Decoder(cfg, self.remat, name="decoder")(embed(dec_tokens), encoded, enc_tokens,
-                                            enc_segments, dec_segments)
+        encoded = Encoder(cfg, self.remat, self.attention, name="encoder")(
+            embed(enc_tokens), enc_tokens, enc_segments)
+        return Decoder(cfg, self.remat, self.attention, self.logits, name="decoder")(
+            embed(dec_tokens), encoded, enc_tokens, enc_segments, dec_segments)
 
 
 def param_shapes(cfg: T5Config) -> Params:

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from deepfusion_core import adafactor, sharding
-from deepfusion_core.config import OptimizerConfig, T5Config
-from deepfusion_core.model import T5, init_params, param_shapes
+from deepfusion_core.config import Kernels, OptimizerConfig, T5Config
+from deepfusion_core.loss import chunked_token_cross_entropy, token_cross_entropy
+from deepfusion_core.model import T5, init_params, logits_from_features, param_shapes
 
 BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
               "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids")
@@ -52,18 +53,22 @@ def make_optimizer(tc: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt) if tc.grad_clip else opt
 
 
-def _token_stats(cfg: T5Config, params, batch, z_loss: float, remat: bool = False):
+def _token_stats(cfg: T5Config, params, batch, z_loss: float, kernels: Kernels = Kernels()):
     """Per-token negative log-likelihood, z-loss term and correctness."""
-    logits = T5(cfg, remat).apply({"params": params}, batch["encoder_input_tokens"],
-                           batch["decoder_input_tokens"], batch.get("encoder_segment_ids"),
-                           batch.get("decoder_segment_ids"))
+    chunk = kernels.loss_chunk
+    out = T5(cfg, kernels.remat, kernels.attention, logits=not chunk).apply(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        batch.get("encoder_segment_ids"), batch.get("decoder_segment_ids"))
     targets = batch["decoder_target_tokens"]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return nll, z_loss * jnp.square(log_z), jnp.argmax(logits, -1) == targets
+    if chunk:
+        nll, log_z, correct = chunked_token_cross_entropy(
+            out, functools.partial(logits_from_features, cfg, params), targets, chunk)
+    else:
+        nll, log_z, correct = token_cross_entropy(out, targets)
+    return nll, z_loss * jnp.square(log_z), correct
 
 
-def _build_steps(cfg, tc: OptimizerConfig, remat: bool, optimizer, state_sh, mesh):
+def _build_steps(cfg, tc: OptimizerConfig, kernels: Kernels, optimizer, state_sh, mesh):
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def train_step(state, batch):
@@ -71,7 +76,7 @@ def _build_steps(cfg, tc: OptimizerConfig, remat: bool, optimizer, state_sh, mes
         denom = jnp.maximum(weights.sum(), 1.0)  # mean over real (non-padding) target tokens
 
         def loss_fn(params):
-            nll, z, _ = _token_stats(cfg, params, batch, tc.z_loss, remat)
+            nll, z, _ = _token_stats(cfg, params, batch, tc.z_loss, kernels)
             return ((nll + z) * weights).sum() / denom, (nll * weights).sum() / denom
 
         (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -81,7 +86,7 @@ def _build_steps(cfg, tc: OptimizerConfig, remat: bool, optimizer, state_sh, mes
             "loss": loss, "grad_norm": optax.global_norm(grads)}
 
     def eval_step(params, batch):
-        nll, _, correct = _token_stats(cfg, params, batch, 0.0)
+        nll, _, correct = _token_stats(cfg, params, batch, 0.0, kernels._replace(remat=False))
         w = batch["decoder_loss_weights"]
         return {"nll": (nll * w).sum(), "correct": (correct * w).sum(), "tokens": w.sum()}
 
@@ -118,14 +123,14 @@ class CompiledSteps(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_steps(cfg: T5Config, tc: OptimizerConfig, remat: bool, mesh) -> CompiledSteps:
-    """Shared by every node with the same (model, optimizer, remat, mesh), so nodes that run
-    in one process compile once: the seed only changes the initial params, and the execution
-    settings (checkpoint and evaluation cadence) nothing compiled."""
+def compiled_steps(cfg: T5Config, tc: OptimizerConfig, kernels: Kernels, mesh) -> CompiledSteps:
+    """Shared by every node with the same (model, optimizer, kernels, mesh), so nodes that
+    run in one process compile once: the seed only changes the initial params, and the other
+    execution settings (checkpoint and evaluation cadence) nothing compiled."""
     optimizer = make_optimizer(tc)
     state_sh, abstract = _build_state_shardings(cfg, optimizer, mesh)
     init_state = jax.jit(lambda params: {"params": params, "opt_state": optimizer.init(params)},
                          out_shardings=state_sh)
     init_random = jax.jit(lambda seed: init_params(cfg, seed), out_shardings=state_sh["params"])
     return CompiledSteps(init_random, init_state, state_sh, abstract,
-                         *_build_steps(cfg, tc, remat, optimizer, state_sh, mesh))
+                         *_build_steps(cfg, tc, kernels, optimizer, state_sh, mesh))

@@ -120,7 +120,7 @@ def _train(cfg: T5Config, tc: TrainConfig, dc: DataConfig, workdir: Path, seed: 
            log: Callable[[str], None], stop: list[int]) -> dict | None:
     mesh = sharding.make_mesh(mesh_shape)
     init_random, init_state, state_sh, abstract, train_step, eval_step = compiled_steps(
-        cfg, tc.optimizer_config, tc.remat, mesh)
+        cfg, tc.optimizer_config, tc.kernels, mesh)
     batch_sh = sharding.batch_sharding(mesh)
 
     def put(batch):

@@ -85,7 +85,8 @@ class TrainJob(_Job):
         """Estimated bytes per device of a step (without a mesh: one device), by part."""
         d, tc = self.data, self.train
         return train_memory(self.model, d.batch_size, d.inputs_length, d.targets_length,
-                            parse_mesh(tc.mesh) if tc.mesh else (1, 1), tc.optimizer, tc.remat)
+                            parse_mesh(tc.mesh) if tc.mesh else (1, 1), tc.optimizer, tc.remat,
+                            tc.loss_chunk)
 
     def node_record(self) -> dict:
         # The seed stays in the record's train settings, where node.json has always had it.

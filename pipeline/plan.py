@@ -460,13 +460,17 @@ def _train_config(settings, overrides, mesh: str | None) -> TrainConfig:
 
 
 def _check_fits(model, tc: TrainConfig, dc: DataConfig, prof, devices: int | None) -> None:
-    """The batch must split over the mesh, and a step fit the profile's device memory."""
+    """The batch must split over the mesh, a step fit the profile's device memory, and the
+    attention kernel take the model's compute dtype."""
+    if tc.attention == "cudnn" and model.dtype != "bfloat16":
+        raise ValueError(f"attention: cudnn needs a bfloat16 model (cuDNN's fused attention), "
+                         f"not {model.dtype}")
     # Without a mesh every device is on data: the batch must split over them.
     mesh_shape = parse_mesh(tc.mesh) if tc.mesh else (devices or 1, 1)
     check_mesh_fits(mesh_shape, model, dc.batch_size)
     if prof.device_memory_gb is not None:
         need = train_memory(model, dc.batch_size, dc.inputs_length, dc.targets_length,
-                            mesh_shape, tc.optimizer, tc.remat)
+                            mesh_shape, tc.optimizer, tc.remat, tc.loss_chunk)
         if need["total"] > prof.device_memory_gb * 2**30:
             raise ValueError(f"needs about {need['total'] / 2**30:.1f} GiB per device ("
                              f"{_gib(need)}), over the profile's device_memory_gb="

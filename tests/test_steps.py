@@ -1,5 +1,6 @@
 """The jitted pieces of training (deepfusion_core/steps.py): schedules, optimizers, and one
-compile per (model, optimizer, remat, mesh)."""
+compile per (model, optimizer, kernels, mesh), and every kernel choice trains as the
+reference does."""
 
 import jax
 import numpy as np
@@ -7,7 +8,7 @@ import optax
 import pytest
 
 from deepfusion_core import sharding
-from deepfusion_core.config import PRESETS, OptimizerConfig, TrainConfig
+from deepfusion_core.config import PRESETS, Kernels, OptimizerConfig, TrainConfig
 from deepfusion_core.steps import compiled_steps, learning_rate_schedule, make_optimizer
 
 
@@ -60,8 +61,63 @@ def test_one_compile_serves_every_node_that_differs_only_in_how_it_runs():
     mesh = sharding.make_mesh((jax.device_count(), 1))
     a = TrainConfig(steps=8, save_every=2, eval_every=4)
     b = TrainConfig(steps=8, save_every=5, eval_batches=9, keep_last=3)
-    assert compiled_steps(cfg, a.optimizer_config, a.remat, mesh) is compiled_steps(
-        cfg, b.optimizer_config, b.remat, mesh)
+    assert compiled_steps(cfg, a.optimizer_config, a.kernels, mesh) is compiled_steps(
+        cfg, b.optimizer_config, b.kernels, mesh)
     c = TrainConfig(steps=8, learning_rate=0.5)  # what is computed changes: its own program
-    assert compiled_steps(cfg, c.optimizer_config, c.remat, mesh) is not compiled_steps(
-        cfg, a.optimizer_config, a.remat, mesh)
+    assert compiled_steps(cfg, c.optimizer_config, c.kernels, mesh) is not compiled_steps(
+        cfg, a.optimizer_config, a.kernels, mesh)
+    d = TrainConfig(steps=8, loss_chunk=4)  # how it is computed changes: its own program too
+    assert compiled_steps(cfg, d.optimizer_config, d.kernels, mesh) is not compiled_steps(
+        cfg, a.optimizer_config, a.kernels, mesh)
+
+
+def _packed_batch(vocab: int, b: int = 4, inputs: int = 24, targets: int = 10) -> dict:
+    """Two examples packed per row, padding at the end: what the data pipeline gives."""
+    rng = np.random.default_rng(3)
+    enc_seg = np.repeat([[1] * 10 + [2] * 8 + [0] * (inputs - 18)], b, 0).astype(np.int32)
+    dec_seg = np.repeat([[1] * 4 + [2] * 4 + [0] * (targets - 8)], b, 0).astype(np.int32)
+    enc = np.where(enc_seg > 0, rng.integers(2, vocab, (b, inputs)), 0).astype(np.int32)
+    tgt = np.where(dec_seg > 0, rng.integers(2, vocab, (b, targets)), 0).astype(np.int32)
+    dec_in = np.concatenate([np.zeros((b, 1), np.int32), tgt[:, :-1]], 1)
+    dec_in[:, 4] = 0  # the second example starts with T5's start token too
+    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+            "decoder_target_tokens": tgt, "decoder_loss_weights": (dec_seg > 0).astype(np.float32),
+            "encoder_segment_ids": enc_seg, "decoder_segment_ids": dec_seg}
+
+
+def _two_steps(cfg, kernels: Kernels):
+    mesh = sharding.make_mesh((jax.device_count(), 1))
+    steps = compiled_steps(cfg, OptimizerConfig(steps=2, warmup_steps=1, z_loss=1e-4),
+                           kernels, mesh)
+    batch = jax.device_put(_packed_batch(cfg.vocab_size), sharding.batch_sharding(mesh))
+    state, outs = steps.init_state(steps.init_random(7)), []
+    for _ in range(2):
+        state, out = steps.train_step(state, batch)
+        outs.append(out)
+    return state["params"], outs, steps.eval_step(state["params"], batch)
+
+
+@pytest.mark.parametrize("kernels", [Kernels(attention="xla"), Kernels(loss_chunk=3),
+                                     Kernels(remat=True, attention="xla", loss_chunk=4)],
+                         ids=["xla-attention", "loss-chunk-3", "remat-xla-chunk-4"])
+def test_every_fast_kernel_trains_as_the_reference_does(kernels):
+    cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384, "num_layers": 1})
+    params_ref, outs_ref, eval_ref = _two_steps(cfg, Kernels())
+    params, outs, evals = _two_steps(cfg, kernels)
+    for out, out_ref in zip(outs, outs_ref, strict=True):
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(out[key], out_ref[key], rtol=1e-5)
+    for key in ("nll", "correct", "tokens"):
+        np.testing.assert_allclose(evals[key], eval_ref[key], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_kernels_train_as_the_reference_does_in_bfloat16_within_its_rounding():
+    cfg = PRESETS["tiny-S"].model_copy(update={"vocab_size": 384, "num_layers": 1,
+                                                    "dtype": "bfloat16"})
+    _, outs_ref, _ = _two_steps(cfg, Kernels())
+    _, outs, _ = _two_steps(cfg, Kernels(attention="xla", loss_chunk=4))
+    # bfloat16 keeps 8 bits: the loss of ~6 agrees to a few of its ulps (2^-8 relative).
+    for out, out_ref in zip(outs, outs_ref, strict=True):
+        np.testing.assert_allclose(out["loss"], out_ref["loss"], rtol=4 * 2**-8)
