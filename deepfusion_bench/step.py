@@ -10,8 +10,9 @@ import numpy as np
 
 from deepfusion_bench.common import machine, time_steps
 from deepfusion_core import sharding
-from deepfusion_core.config import PRESETS, OptimizerConfig, T5Config
+from deepfusion_core.config import PRESETS, Kernels, OptimizerConfig, T5Config
 from deepfusion_core.flops import train_step_flops
+from deepfusion_core.memory import train_memory
 from deepfusion_core.model import count_params
 from deepfusion_core.steps import compiled_steps
 
@@ -35,7 +36,7 @@ def gemm_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> floa
     return 2 * n**3 / best
 
 
-def _synthetic_batch(cfg: T5Config, batch: int, inputs_length: int, targets_length: int):
+def synthetic_batch(cfg: T5Config, batch: int, inputs_length: int, targets_length: int):
     # Throughput does not depend on token values; a full (unpadded) batch, as packing gives.
     rng = np.random.default_rng(0)
     targets = rng.integers(2, cfg.vocab_size, (batch, targets_length)).astype(np.int32)
@@ -47,15 +48,18 @@ def _synthetic_batch(cfg: T5Config, batch: int, inputs_length: int, targets_leng
 
 def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
                targets_length: int = 32, steps: int = 10, dtype: str = "float32",
-               torch_baseline: bool = True, remat: bool = False) -> dict:
-    """Train-step throughput (Adafactor) against the GEMM peak and against PyTorch T5."""
+               torch_baseline: bool = True, kernels: Kernels = Kernels()) -> dict:
+    """Train-step throughput (Adafactor) against the GEMM peak and against PyTorch T5, with
+    the step's compile time, its peak device memory and the planner's estimate of it."""
     cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
     mesh = sharding.make_mesh((jax.device_count(), 1))
-    steps_fns = compiled_steps(cfg, OptimizerConfig(steps=steps), remat, mesh)
-    train_step = steps_fns.train_step
+    steps_fns = compiled_steps(cfg, OptimizerConfig(steps=steps), kernels, mesh)
     state = steps_fns.init_state(steps_fns.init_random(0))
-    batch_np = _synthetic_batch(cfg, batch, inputs_length, targets_length)
+    batch_np = synthetic_batch(cfg, batch, inputs_length, targets_length)
     device_batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
+    start = time.perf_counter()
+    train_step = steps_fns.train_step.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
 
     def run():
         nonlocal state
@@ -70,11 +74,18 @@ def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
                            dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     kind = jax.devices()[0].device_kind
     record = {"bench": "step", "model": preset, "dtype": dtype, "device": kind,
-              "devices": jax.device_count(), "batch": batch, "remat": remat,
+              "devices": jax.device_count(), "batch": batch, **kernels._asdict(),
               "seq_len": [inputs_length, targets_length], "params": count_params(cfg),
               "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
               "flops_per_s": flops / step_s, "gemm_peak_flops_per_s": peak,
-              "fraction_of_gemm_peak": round(flops / step_s / peak, 3), "machine": machine()}
+              "fraction_of_gemm_peak": round(flops / step_s / peak, 3),
+              "compile_s": round(compile_s, 2), "machine": machine()}
+    estimate = train_memory(cfg, batch, inputs_length, targets_length, (jax.device_count(), 1),
+                            remat=kernels.remat, loss_chunk=kernels.loss_chunk)
+    record["estimate_gib"] = round(estimate["total"] / 2**30, 2)
+    stats = jax.devices()[0].memory_stats()  # None on the CPU
+    if stats and "peak_bytes_in_use" in stats:
+        record["peak_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
     if dtype == "bfloat16" and kind in NOMINAL_BF16_PEAK:
         nominal = NOMINAL_BF16_PEAK[kind] * jax.device_count()
         record.update(nominal_peak_flops_per_s=nominal, mfu=round(flops / step_s / nominal, 3))

@@ -552,30 +552,72 @@ def bench_fuse(preset: str = "table7-M", cross_std: float = 0.0):
                     f"{r['peak_over_in_plus_out']}x (inputs + output)")
 
 
+RematOpt = Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")]
+AttentionOpt = Annotated[str, typer.Option(
+    help="Attention kernel: reference, xla or cudnn (GPU, bfloat16).")]
+LossChunkOpt = Annotated[int, typer.Option(
+    help="Target positions whose logits are made at a time (0: all).")]
+
+
+def _kernels(remat: bool, attention: str, loss_chunk: int, dtype: str):
+    """The step's kernel choices; bad values are one line each, as every command's."""
+    from deepfusion_core.config import ExecutionConfig
+
+    if attention == "cudnn" and dtype != "bfloat16":
+        fail("--attention cudnn needs --dtype bfloat16 (cuDNN's fused attention)")
+    return ExecutionConfig(remat=remat, attention=attention, loss_chunk=loss_chunk).kernels
+
+
 @bench_app.command("step")
 def bench_step(preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32", steps: int = 10,
                dtype: str = "float32",
                torch: Annotated[bool, typer.Option(help="Also time transformers' PyTorch T5.")] = True,
-               remat: Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")] = False):
-    """Train-step tokens/s and FLOP/s against this process's GEMM peak and PyTorch T5."""
+               remat: RematOpt = False, attention: AttentionOpt = "reference",
+               loss_chunk: LossChunkOpt = 0):
+    """Train-step tokens/s and FLOP/s against this process's GEMM peak and PyTorch T5, with
+    compile time and peak device memory beside the planner's estimate."""
     from deepfusion_bench.step import bench_step as run
 
     _preset(preset, dtype)
     inputs_length, targets_length = _parse_seq_len(seq_len)
     if batch < 1 or steps < 1:
         fail(f"--batch and --steps must be positive, got {batch} and {steps}")
+    kernels = _kernels(remat, attention, loss_chunk, dtype)
     r = run(preset, batch, inputs_length, targets_length, steps, dtype, torch_baseline=torch,
-            remat=remat)
+            kernels=kernels)
     line = (f"step {preset} {dtype} batch {batch}x{seq_len} on {r['devices']} {r['device']}: "
             f"{r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,} tok/s, "
             f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['fraction_of_gemm_peak']:.0%} of GEMM peak "
             f"({r['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)")
     if "mfu" in r:
         line += f", MFU {r['mfu']:.0%} of the {r['nominal_peak_flops_per_s'] / 1e12:.0f} TFLOP/s spec"
+    memory = f"peak {r['peak_gib']} GiB, " if "peak_gib" in r else ""
+    line += f"; compile {r['compile_s']} s, {memory}estimate {r['estimate_gib']} GiB"
     if torch:
         line += (f"; PyTorch {r['torch_step_s'] * 1e3:.1f} ms "
                  f"(JAX is {r['speedup_vs_torch']}x PyTorch's speed)")
     return _emit(r, line)
+
+
+@bench_app.command("kernels")
+def bench_kernels(preset: str = "tiny-S", batch: int = 4, seq_len: str = "64,16",
+                  dtype: str = "float32", remat: RematOpt = False,
+                  attention: AttentionOpt = "xla", loss_chunk: LossChunkOpt = 0):
+    """Two train steps with these kernels against the reference: their largest relative
+    differences (loss, gradient norm, params) on this machine's device."""
+    from deepfusion_bench.kernels import compare_kernels
+
+    _preset(preset, dtype)
+    inputs_length, targets_length = _parse_seq_len(seq_len)
+    if batch < 1:
+        fail(f"--batch must be positive, got {batch}")
+    r = compare_kernels(preset, dtype, batch, inputs_length, targets_length,
+                        _kernels(remat, attention, loss_chunk, dtype))
+    return _emit(r, f"kernels {preset} {dtype} attention={attention} loss_chunk={loss_chunk}"
+                    f"{' remat' if remat else ''} on {r['device']}: relative difference from "
+                    f"the reference: loss {r['loss_rel_diff']:.1e}, gradient norm "
+                    f"{r['grad_norm_rel_diff']:.1e}, params {r['params_rel_diff']:.1e}"
+                    f"{'' if r['finite'] else '; NOT FINITE'}")
 
 
 @bench_app.command("memory")
@@ -583,7 +625,7 @@ def bench_memory(preset: str = "table7-L", batch: int = 16, seq_len: str = "512,
                  dtype: str = "bfloat16",
                  mesh: Annotated[Optional[str], typer.Option(
                      help="data=D,model=M (default: all devices on data)")] = None,
-                 remat: Annotated[bool, typer.Option(help="Recompute layers in the backward pass.")] = False):
+                 remat: RematOpt = False):
     """The planner's memory estimate per device against XLA's analysis of the compiled step."""
     from deepfusion_bench.memory import bench_memory as run
     from deepfusion_core.config import PRESETS

@@ -181,7 +181,7 @@ def test_an_undefined_profile_is_exit_2(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [
         f"error: {SHIPPED}: profile 'huge' is not defined "
-        f"(profiles: smoke, tiny, c4-tiny, c4-cpu, small, paper, paper-8gpu)"]
+        f"(profiles: smoke, tiny, c4-tiny, c4-cpu, small, gpu, paper, paper-8gpu)"]
     assert not runs.exists() and after == before
 
 

@@ -12,7 +12,8 @@ PINNED = Path(__file__).with_name("fingerprints.json")
 # Every profile that plans without data outside ../shared (`small` needs a TFDS directory).
 # stages_table1.yaml's paper profile does not plan today (S's 6 heads on a model=4 mesh);
 # stages_glue.yaml's needs the whole GLUE where its file says YOUR_GLUE_DIR.
-PROFILES = {"stages.yaml": ["smoke", "tiny", "c4-tiny", "c4-cpu", "paper", "paper-8gpu"],
+PROFILES = {"stages.yaml": ["smoke", "tiny", "c4-tiny", "c4-cpu", "gpu", "paper",
+                            "paper-8gpu"],
             "stages_table1.yaml": ["smoke", "tiny", "c4-tiny", "c4-cpu"],
             "stages_glue.yaml": ["smoke", "cpu", "two-hours"]}
 
