@@ -6,6 +6,8 @@
 #   4. the `gpu` profile's six settings under Prefect's temporary server (`deepfusion flow`),
 #      with its wall time, when TensorFlow, seqio and Prefect are installed there.
 # Every record, log and the report land under OUT. A failed part is logged and the rest run.
+# Parts 1-3 need JAX with its GPU plugin, Flax, optax, Orbax, pydantic and typer; part 4 also
+# TensorFlow, seqio and Prefect (the project's `make install`), and ../shared/data.
 #
 #   scripts/gpu_check.sh OUT            on the GPU machine
 #   SMALL=1 scripts/gpu_check.sh OUT    the same commands at CPU sizes (tiny models, smoke)
