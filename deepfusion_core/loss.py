@@ -26,6 +26,7 @@ def chunked_token_cross_entropy(features, make_logits: Callable, targets, chunk:
     """`token_cross_entropy(make_logits(features), targets)` for features [batch, targets,
     d], computed `chunk` target positions at a time (recomputed in the backward pass)."""
     b, t, d = features.shape
+    chunk = min(chunk, t)  # a chunk longer than the targets is all of them, unpadded
     pad = -t % chunk
     x = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
     y = jnp.pad(targets, ((0, 0), (0, pad)))

@@ -16,7 +16,7 @@ def _inputs(b=3, t=10, d=8, vocab=50):
             jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32))
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 5, 10, 16])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 10, 16, 10**9])
 def test_chunks_give_the_whole_batch_figures_and_gradients(chunk):
     features, kernel, targets = _inputs()
 
