@@ -72,8 +72,7 @@ def _identity(cfg: DataConfig, split: str) -> list | None:
     if kind == "builtin":
         files = [Path(topics.__file__)]
     elif kind == "glue":
-        files = [Path(arg).expanduser().absolute() / glue.task(name).directory
-                 / glue.SPLIT_FILES[split] for name in cfg.tasks]
+        files = [f.absolute() for name in cfg.tasks for f in glue.split_files(arg, name, split)]
     else:
         files = sorted(Path(arg).expanduser().absolute().glob(c4_pattern(split)))
     if cfg.vocab.startswith("t5:"):

@@ -7,7 +7,10 @@ the score rounded to the nearest 0.2 with one decimal (`3.8`), as TensorFlow com
 float32, halves to even (0.5 -> `0.4`).
 
 The files follow the layout of GLUE's own download script (see ../shared/data/README.md for
-their quirks): CoLA has no header, MRPC starts with a UTF-8 BOM, no field is quoted.
+their quirks): CoLA has no header, MRPC starts with a UTF-8 BOM, no field is quoted. A task
+the directory has no TSV for is read from TFDS's prepared `glue/NAME` there instead (the
+directory is then a TFDS `data_dir`, as for MNLI, QQP and QNLI, which are large); that
+starts TensorFlow, which nothing else here does.
 """
 
 from __future__ import annotations
@@ -69,15 +72,35 @@ def task(name: str) -> GlueTask:
     return TASKS[name]
 
 
+def split_files(glue_dir: str | Path, name: str, split: str) -> list[Path]:
+    """The files task `name`'s `split` is read from: its TSV in the GLUE layout, else the
+    records of TFDS's prepared `glue/NAME` (its newest version) and their dataset_info.json;
+    [] where neither is there."""
+    spec = task(name)
+    if split not in SPLIT_FILES:
+        raise GlueError(f"GLUE split {split!r} does not exist (splits: {', '.join(SPLIT_FILES)})")
+    tsv = Path(glue_dir).expanduser() / spec.directory / SPLIT_FILES[split]
+    if tsv.is_file():
+        return [tsv]
+    prepared = sorted((Path(glue_dir).expanduser() / "glue" / spec.name).glob(
+        "*/dataset_info.json"), key=lambda p: [int(n) for n in p.parent.name.split(".")
+                                               if n.isdigit()])
+    records = sorted(prepared[-1].parent.glob(f"glue-{split}.tfrecord*")) if prepared else []
+    return [*records, prepared[-1]] if records else []
+
+
 def read_examples(glue_dir: str | Path, name: str, split: str) -> list[dict]:
     """The examples of one split: `idx` (the row's position), each feature's text and `label`
     (the class id, or STS-B's score as float32), as TFDS `glue/NAME` gives them."""
     spec = task(name)
-    if split not in SPLIT_FILES:
-        raise GlueError(f"GLUE split {split!r} does not exist (splits: {', '.join(SPLIT_FILES)})")
-    path = Path(glue_dir) / spec.directory / SPLIT_FILES[split]
-    if not path.is_file():
-        raise GlueError(f"{path}: no such GLUE file (expected the GLUE layout under {glue_dir})")
+    files = split_files(glue_dir, name, split)
+    if not files:
+        raise GlueError(f"{Path(glue_dir) / spec.directory / SPLIT_FILES[split]}: no such GLUE "
+                        f"file (expected the GLUE layout, or TFDS's prepared glue/{name} with "
+                        f"a {split} split, under {glue_dir})")
+    if files[0].suffix != ".tsv":
+        return _read_tfds(files[-1].parent, spec, split)
+    path = files[0]
     with path.open(encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC's BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if spec.header:
@@ -93,6 +116,26 @@ def read_examples(glue_dir: str | Path, name: str, split: str) -> list[dict]:
         example["label"] = _label(spec, row[spec.label_column], f"{path}:{line}")
         examples.append(example)
     return examples
+
+
+def _read_tfds(version_dir: Path, spec: GlueTask, split: str) -> list[dict]:
+    """A split of TFDS's prepared `glue/NAME` in `version_dir`, in row order."""
+    import tensorflow_datasets as tfds  # TensorFlow: only for a TFDS directory
+
+    try:
+        rows = tfds.as_numpy(tfds.builder_from_directory(str(version_dir)).as_dataset(
+            split=split, shuffle_files=False))
+        examples = [{"idx": int(r["idx"]), **{k: r[k].decode("utf-8") for k in spec.features},
+                     "label": np.float32(r["label"]) if spec.label_names is None
+                     else int(r["label"])} for r in rows]
+    except Exception as e:  # noqa: BLE001 - TensorFlow's and TFDS's errors, named below
+        raise GlueError(f"{version_dir}: TFDS glue/{spec.name} {split} cannot be read: "
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    bad = [e for e in examples if spec.label_names and not 0 <= e["label"] < len(spec.label_names)]
+    if bad:
+        raise GlueError(f"{version_dir}: TFDS glue/{spec.name} {split} row {bad[0]['idx']}: "
+                        f"label {bad[0]['label']} is not one of {spec.name}'s")
+    return sorted(examples, key=lambda e: e["idx"])
 
 
 def _label(spec: GlueTask, text: str, where: str) -> int | np.float32:

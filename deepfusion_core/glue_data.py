@@ -16,7 +16,7 @@ import seqio
 import tensorflow as tf
 
 from deepfusion_core.data import get_vocabulary
-from deepfusion_core.glue import SPLIT_FILES, read_examples, task, to_text
+from deepfusion_core.glue import read_examples, split_files, task, to_text
 
 # A mixture needs each task's training examples; QNLI's dev set alone, for instance, can only
 # be evaluated.
@@ -37,8 +37,7 @@ class _GlueSource(seqio.DataSource):
 
     def __init__(self, glue_dir: str, name: str):
         self._glue_dir, self._name = glue_dir, name
-        splits = [s for s in SPLITS
-                  if (Path(glue_dir) / task(name).directory / SPLIT_FILES[s]).is_file()]
+        splits = [s for s in SPLITS if split_files(glue_dir, name, s)]
         super().__init__(splits=splits, num_input_examples=None)
 
     @property

@@ -122,3 +122,45 @@ def test_the_glue_average_averages_each_tasks_metrics_first():
                 "stsb": {"pearson": 90.0, "spearman": 88.0}}
     # (75 + 30 + 89) / 3, not the mean of the five numbers (71.6).
     assert glue_average(per_task) == pytest.approx(194 / 3)
+
+
+@pytest.fixture(scope="module")
+def tfds_glue(glue, tmp_path_factory):
+    """A TFDS data_dir with glue/cola, glue/stsb and glue/rte prepared by TFDS's own GLUE
+    builder from the real files (GLUE's zips are not here: its download step is pointed at a
+    copy of them, with a test split GLUE's builder insists on)."""
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+
+    tsv = tmp_path_factory.mktemp("glue_tsv")
+    for directory in ("CoLA", "STS-B", "RTE"):
+        (tsv / directory).mkdir()
+        for split in ("train", "dev"):
+            (tsv / directory / f"{split}.tsv").write_bytes(
+                (glue / directory / f"{split}.tsv").read_bytes())
+        (tsv / directory / "test.tsv").write_text("index\tsentence1\tsentence2\tsentence\n"
+                                                  "0\ta\tb\tc\n")
+    data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                           lambda self, url: str(tsv)):
+        for name in ("cola", "stsb", "rte"):
+            tfds.builder(f"glue/{name}", data_dir=str(data_dir)).download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return data_dir
+
+
+@pytest.mark.parametrize("name", ["cola", "stsb", "rte"])
+def test_a_tfds_data_dir_gives_the_examples_the_tsv_files_give(glue, tfds_glue, name):
+    for split in ("train", "validation"):
+        from_tsv, from_tfds = read_examples(glue, name, split), read_examples(tfds_glue, name, split)
+        assert from_tfds == from_tsv, (name, split)  # every feature, label and idx, in order
+        assert all(type(a["label"]) is type(b["label"]) for a, b in zip(from_tfds, from_tsv))
+
+
+def test_a_tfds_data_dir_without_the_task_or_split_is_one_line(tfds_glue):
+    with pytest.raises(GlueError, match=r"no such GLUE file \(expected the GLUE layout, or "
+                                        r"TFDS's prepared glue/mnli with a train split"):
+        read_examples(tfds_glue, "mnli", "train")
+    with pytest.raises(GlueError, match=r"glue/rte with a validation_matched split"):
+        read_examples(tfds_glue, "rte", "validation_matched")
