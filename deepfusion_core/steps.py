@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from deepfusion_core import adafactor, sharding
+from deepfusion_core.attention import check_implementation
 from deepfusion_core.config import Kernels, OptimizerConfig, T5Config
 from deepfusion_core.loss import chunked_token_cross_entropy, token_cross_entropy
 from deepfusion_core.model import T5, init_params, logits_from_features, param_shapes
@@ -127,6 +128,7 @@ def compiled_steps(cfg: T5Config, tc: OptimizerConfig, kernels: Kernels, mesh) -
     """Shared by every node with the same (model, optimizer, kernels, mesh), so nodes that
     run in one process compile once: the seed only changes the initial params, and the other
     execution settings (checkpoint and evaluation cadence) nothing compiled."""
+    check_implementation(kernels.attention, cfg.dtype)
     optimizer = make_optimizer(tc)
     state_sh, abstract = _build_state_shardings(cfg, optimizer, mesh)
     init_state = jax.jit(lambda params: {"params": params, "opt_state": optimizer.init(params)},

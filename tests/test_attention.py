@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepfusion_core.attention import attend
+from deepfusion_core.attention import attend, check_implementation
 
 NEG_INF = -1e10  # the model's additive mask value
 
@@ -50,3 +50,11 @@ def test_xla_kernel_equals_the_reference_in_bfloat16_within_its_rounding():
 def test_an_unknown_kernel_is_refused_by_name():
     with pytest.raises(ValueError, match="'flash'"):
         attend(*_inputs(jnp.float32), implementation="flash")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the refusal is for machines "
+                    "without a GPU; a GPU runs the kernel (scripts/gpu_check.sh)")
+def test_cudnn_without_a_gpu_is_one_line_before_anything_compiles():
+    with pytest.raises(ValueError, match="attention: cudnn needs a GPU and a bfloat16 model; "
+                                         "this process has cpu devices"):
+        check_implementation("cudnn", "bfloat16")
