@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from deepfusion_core import disk, workdir_lock
 from deepfusion_core.preemption import Preempted
 from pipeline import store
+from pipeline.code_version import code_version
 from pipeline.job import FuseJob, LoadJob, TrainJob
 from pipeline.workdir import NodeSummary, Workdir
 
@@ -128,7 +129,7 @@ def _run_locked(job: Job, log: Log, progress: bool, primary: bool) -> NodeSummar
         return None
     summary = NodeSummary.model_validate(
         {**summary, "node": job.name, "kind": job.kind, "fingerprint": job.fingerprint,
-         "run_wall_s": time.perf_counter() - start})
+         "run_wall_s": time.perf_counter() - start, "code": code_version()})
     here.mark_done(summary)
     return summary
 

@@ -24,6 +24,7 @@ import csv
 import re
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -213,6 +214,7 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
                    f"seed{'s' if plan.replicas > 1 else ''}); their training took "
                    f"{sum(d.wall_s for d in done) / 60:.0f} min of wall time and "
                    f"{sum(d.flops for d in done):.3g} FLOPs in all.")]
+    lines += _code_versions_line(plan)
     if glue is not None:
         lines += glue_report.markdown(plan, list(glue_rows), glue)
     if claims:
@@ -226,6 +228,20 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
         lines += [f"| {c['claim']} | {c['metric']} | {c['measured'] or '—'} | {c['verdict']} | "
                   f"{c['seeds']} |" for c in claims]
     return "\n".join(lines) + "\n"
+
+
+def _code_versions_line(plan: Plan) -> list[str]:
+    """A warning when the done nodes were made by more than one version of the code (their
+    DONE's `code`), which the fingerprints do not tell apart; nothing otherwise."""
+    made = Counter(d.code for n in plan.nodes.values()
+                   if (d := Workdir(n.dir).done_record()) is not None and d.code)
+    if len(made) < 2:
+        return []
+    counts = ", ".join(f"`{code}` {count}" for code, count in made.most_common())
+    return ["", (f"**The nodes were made by {len(made)} versions of the code** (nodes per "
+                 f"version: {counts}): a code change between them may have moved their "
+                 f"figures. A new runs directory, or `deepfusion flow --force`, remakes every "
+                 f"node with this one.")]
 
 
 def plot_curves(plan: Plan, curves: dict[tuple[str, int], Curve], path: Path) -> None:

@@ -58,6 +58,8 @@ class NodeSummary(BaseModel):
     # A fine-tune node's only: each GLUE task's metrics (in points) and their average.
     glue: dict[str, dict[str, float]] | None = None
     glue_average: float | None = None
+    # `code_version()` of the code that made the node (absent from a DONE older than it).
+    code: str | None = None
 
     def to_json(self) -> dict:
         """The JSON-able form DONE is written in (a fuse node's summary without the train

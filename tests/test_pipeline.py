@@ -19,6 +19,7 @@ from deepfusion_cli.main import app
 from deepfusion_core import forward, load_model
 from deepfusion_core.metrics import read_metrics
 from pipeline import store
+from pipeline.code_version import code_version
 from pipeline.execute import run_plan
 from pipeline.plan import build_plan, plan_records
 from pipeline.workdir import Workdir
@@ -254,3 +255,19 @@ def test_adamw_runs_are_not_extended(tmp_path):
     run_plan(short, only=["S1"], log=lambda m: None)
     # Adafactor's schedule would allow it; AdamW's cosine ends where `steps` says.
     assert build_plan(adamw(8), "smoke", tmp_path / "runs").extension_source("S1") is None
+
+
+def test_every_done_names_its_code_and_a_store_of_two_versions_says_so(smoke_run, tmp_path):
+    plan, *_ = smoke_run
+    codes = {Workdir(n.dir).done_record().code for n in plan.nodes.values()}
+    assert codes == {code_version()}  # every node, of every kind
+    assert "versions of the code" not in Path(smoke_run[2]["markdown"]).read_text()
+    # The same store with one node made by other code under the same fingerprint.
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_run[3], runs, ignore=shutil.ignore_patterns("checkpoints", "model"))
+    copy = build_plan(STAGES, "smoke", runs)
+    done = Workdir(copy.nodes["S1"].dir)
+    done.mark_done(done.done_record().model_copy(update={"code": "0123456789ab"}))
+    text = Path(write_report(copy)["markdown"]).read_text()
+    assert (f"made by 2 versions of the code** (nodes per version: `{code_version()}` 22, "
+            f"`0123456789ab` 1)") in text
