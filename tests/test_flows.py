@@ -333,7 +333,11 @@ def test_deployment_run_completes_every_node_as_a_task_run(prefect, smoke):
             sum((b - a).total_seconds() for a, b in running), abs=0.01), name
         start, end = datetime.fromisoformat(t["start_time"]), datetime.fromisoformat(t["end_time"])
         assert start == datetime.fromisoformat(states[3]["timestamp"]), name
-        assert (end - start).total_seconds() == pytest.approx(t["total_run_time"], abs=0.5), name
+        # The bar is the Running after the wait; the moment of Running before it (the task
+        # asking for its slot, under 0.6 s here on a loaded machine) counts in the run time.
+        last = running[-1][1] - running[-1][0]
+        assert (end - start).total_seconds() == pytest.approx(last.total_seconds(), abs=0.01), name
+        assert t["total_run_time"] - last.total_seconds() < 2, name
         # Its duration is its node's work, give or take the process start and the hand-over.
         work = Workdir(plan.nodes[name].dir).done_record().run_wall_s
         assert abs(t["total_run_time"] - work) < 5, (name, t["total_run_time"], work)
