@@ -11,17 +11,14 @@ import jax
 import numpy as np
 
 from deepfusion_bench.common import machine
-from deepfusion_bench.step import synthetic_batch
-from deepfusion_core import sharding
+from deepfusion_bench.step import prepared_step, synthetic_batch
 from deepfusion_core.config import PRESETS, Kernels, OptimizerConfig, T5Config
-from deepfusion_core.steps import compiled_steps
 
 
 def _two_steps(cfg: T5Config, kernels: Kernels, batch_np: dict):
-    mesh = sharding.make_mesh((jax.device_count(), 1))
-    steps = compiled_steps(cfg, OptimizerConfig(steps=2, warmup_steps=1), kernels, mesh)
-    batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
-    state, outs = steps.init_state(steps.init_random(0)), []
+    steps, state, batch = prepared_step(cfg, OptimizerConfig(steps=2, warmup_steps=1), kernels,
+                                        batch_np)
+    outs = []
     for _ in range(2):
         state, out = steps.train_step(state, batch)
         outs.append(jax.device_get(out))

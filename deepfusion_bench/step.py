@@ -46,17 +46,24 @@ def synthetic_batch(cfg: T5Config, batch: int, inputs_length: int, targets_lengt
             "decoder_loss_weights": np.ones((batch, targets_length), np.float32)}
 
 
+def prepared_step(cfg: T5Config, tc: OptimizerConfig, kernels: Kernels, batch_np: dict):
+    """(the compiled steps, a random initial state, `batch_np` on the devices) for timing,
+    tracing or comparing the step of `cfg` on all devices as data parallelism."""
+    mesh = sharding.make_mesh((jax.device_count(), 1))
+    fns = compiled_steps(cfg, tc, kernels, mesh)
+    return (fns, fns.init_state(fns.init_random(0)),
+            jax.device_put(batch_np, sharding.batch_sharding(mesh)))
+
+
 def bench_step(preset: str = "cpu-M", batch: int = 8, inputs_length: int = 128,
                targets_length: int = 32, steps: int = 10, dtype: str = "float32",
                torch_baseline: bool = True, kernels: Kernels = Kernels()) -> dict:
     """Train-step throughput (Adafactor) against the GEMM peak and against PyTorch T5, with
     the step's compile time, its peak device memory and the planner's estimate of it."""
     cfg = PRESETS[preset].model_copy(update={"dtype": dtype})
-    mesh = sharding.make_mesh((jax.device_count(), 1))
-    steps_fns = compiled_steps(cfg, OptimizerConfig(steps=steps), kernels, mesh)
-    state = steps_fns.init_state(steps_fns.init_random(0))
     batch_np = synthetic_batch(cfg, batch, inputs_length, targets_length)
-    device_batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
+    steps_fns, state, device_batch = prepared_step(cfg, OptimizerConfig(steps=steps), kernels,
+                                                   batch_np)
     start = time.perf_counter()
     train_step = steps_fns.train_step.lower(state, device_batch).compile()
     compile_s = time.perf_counter() - start

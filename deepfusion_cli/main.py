@@ -620,6 +620,27 @@ def bench_kernels(preset: str = "tiny-S", batch: int = 4, seq_len: str = "64,16"
                     f"{'' if r['finite'] else '; NOT FINITE'}")
 
 
+@bench_app.command("trace")
+def bench_trace(out: Annotated[Path, typer.Option(help="The trace's directory.")],
+                preset: str = "cpu-M", batch: int = 8, seq_len: str = "128,32",
+                dtype: str = "float32", remat: RematOpt = False,
+                attention: AttentionOpt = "reference", loss_chunk: LossChunkOpt = 0):
+    """A jax.profiler trace of three train steps into OUT, and the ops that took the most time."""
+    from deepfusion_bench.trace import top_ops, trace_steps
+
+    _preset(preset, dtype)
+    inputs_length, targets_length = _parse_seq_len(seq_len)
+    if batch < 1:
+        fail(f"--batch must be positive, got {batch}")
+    if not out.parent.is_dir():
+        fail(f"--out {out}: {out.parent} does not exist")
+    trace_steps(preset, batch, inputs_length, targets_length, dtype,
+                _kernels(remat, attention, loss_chunk, dtype), out)
+    typer.echo(f"trace of {preset} {dtype} batch {batch}x{seq_len}: {out}")
+    for name, share in top_ops(out):
+        typer.echo(f"{share:6.1%}  {name}")
+
+
 @bench_app.command("memory")
 def bench_memory(preset: str = "table7-L", batch: int = 16, seq_len: str = "512,114",
                  dtype: str = "bfloat16",

@@ -269,8 +269,8 @@ class ExecutionConfig(_Config):
         default="reference", description="The attention kernel: reference (einsums), xla or "
         "cudnn (jax.nn.dot_product_attention; cudnn is a GPU's fused kernel, bfloat16 only).")
     loss_chunk: int = Field(default=0, ge=0, description="Compute the logits and their "
-                            "cross-entropy for this many target tokens at a time, never all "
-                            "at once (0: all at once).")
+                            "cross-entropy for this many target positions at a time (each "
+                            "for the whole batch), never all at once (0: all at once).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every K steps (0: at the "
                                                          "end only).")
     eval_batches: int = Field(default=4, gt=0, description="Validation batches per evaluation.")

@@ -39,7 +39,7 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" >"$OUT/jax.txt" 2
 
 fast_ok=1
 for entry in "${MODELS[@]}"; do
-  model=${entry%%:*}; batch=${entry##*:}
+  model=${entry%%:*}
   part "kernels-$model" $DEEPFUSION bench kernels --preset "$model" --batch 2 --seq-len "$SEQ" \
     --dtype "$DTYPE" --attention "$FAST" --loss-chunk 32 || fast_ok=0
 done
@@ -56,7 +56,7 @@ largest=${MODELS[2]}
 part "step-${largest%%:*}-remat-$FAST" $DEEPFUSION bench step --preset "${largest%%:*}" \
   --batch "${largest##*:}" --seq-len "$SEQ" --dtype "$DTYPE" --steps "$STEPS" --no-torch \
   --remat --attention "$FAST"
-part trace python3 -m deepfusion_bench.trace --preset "${largest%%:*}" --batch "${largest##*:}" \
+part trace $DEEPFUSION bench trace --preset "${largest%%:*}" --batch "${largest##*:}" \
   --seq-len "$SEQ" --dtype "$DTYPE" --attention "$FAST" --out "$OUT/trace"
 grep -h '^{' "$OUT"/step-*.log "$OUT"/kernels-*.log >"$OUT/records.jsonl"
 

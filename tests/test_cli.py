@@ -185,6 +185,7 @@ HOSTILE = {
     "bench fuse": (["--preset", "nope"], "is not a preset"),
     "bench step": (["--preset", "tiny-S", "--seq-len", "12"], "--seq-len must be IN,OUT"),
     "bench kernels": (["--attention", "cudnn"], "--attention cudnn needs --dtype bfloat16"),
+    "bench trace": (["--out", "T/no/such/dir/trace"], "does not exist"),
     "bench memory": (["--preset", "tiny-S", "--dtype", "float32", "--batch", "8", "--mesh",
                       "data=3,model=1"], "mesh data=3,model=1"),
     "bench checkpoint": (["--directory", "T/nonexistent"], "is not a directory"),
