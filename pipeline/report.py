@@ -34,7 +34,7 @@ from pipeline import store
 from pipeline import glue_report
 from pipeline.claims import Measured, check_claims
 from pipeline.plan import Plan
-from pipeline.workdir import Workdir
+from pipeline.workdir import NodeSummary, Workdir
 
 COLUMNS = ["setting", "replica", "node", "description", "eval_loss", "eval_accuracy",
            "train_nodes", "train_steps", "flops", "wall_s", "flops_to_baseline_acc",
@@ -207,14 +207,14 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
         "",
         *_settings_tables(summary, max_columns),
     ]
-    done = [Workdir(n.dir).done_record() for n in plan.nodes.values() if n.kind == "train"]
-    done = [d for d in done if d is not None]
+    every = [d for n in plan.nodes.values() if (d := Workdir(n.dir).done_record()) is not None]
+    done = [d for d in every if d.kind == "train"]
     total = sum(n.kind == "train" for n in plan.nodes.values())
     lines += ["", (f"{len(done)} of {total} train nodes done ({plan.replicas} "
                    f"seed{'s' if plan.replicas > 1 else ''}); their training took "
                    f"{sum(d.wall_s for d in done) / 60:.0f} min of wall time and "
                    f"{sum(d.flops for d in done):.3g} FLOPs in all.")]
-    lines += _code_versions_line(plan)
+    lines += _code_versions_line(every)
     if glue is not None:
         lines += glue_report.markdown(plan, list(glue_rows), glue)
     if claims:
@@ -230,11 +230,10 @@ def markdown_report(plan: Plan, summary: list[dict], claims: list[dict],
     return "\n".join(lines) + "\n"
 
 
-def _code_versions_line(plan: Plan) -> list[str]:
+def _code_versions_line(done: list[NodeSummary]) -> list[str]:
     """A warning when the done nodes were made by more than one version of the code (their
     DONE's `code`), which the fingerprints do not tell apart; nothing otherwise."""
-    made = Counter(d.code for n in plan.nodes.values()
-                   if (d := Workdir(n.dir).done_record()) is not None and d.code)
+    made = Counter(d.code for d in done if d.code)
     if len(made) < 2:
         return []
     counts = ", ".join(f"`{code}` {count}" for code, count in made.most_common())
