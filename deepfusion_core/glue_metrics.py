@@ -59,8 +59,13 @@ def task_metrics(name: str, targets: list[str], predictions: list[str]) -> dict[
     return computed
 
 
-def glue_average(per_task: dict[str, dict[str, float]]) -> float:
-    """The GLUE score: each task's metrics averaged, then the tasks averaged."""
-    if not per_task:
+def glue_average(per_task: dict[str, dict[str, float]], tasks: list[str]) -> float:
+    """The GLUE score over `tasks`, those fine-tuned on: each task's metrics averaged, then
+    the tasks averaged. A task only scored zero-shot is no part of it (the paper averages
+    the tasks it fine-tuned on)."""
+    if not tasks:
         raise ValueError("no GLUE task to average")
-    return float(np.mean([np.mean(list(m.values())) for m in per_task.values()]))
+    missing = [t for t in tasks if t not in per_task]
+    if missing:
+        raise ValueError(f"no scores for {', '.join(missing)}")
+    return float(np.mean([np.mean(list(per_task[t].values())) for t in tasks]))

@@ -10,6 +10,9 @@ started from, split as the paper's Table 4 splits it:
 - post-fusion compute: that last train node up to the step the fine-tuning started from
   (its FLOPs and wall time in proportion to the steps).
 
+A row's GLUE average is over the tasks the node fine-tuned on, recomputed from its per-task
+scores: a task only scored (the profile's eval_tasks) is in Table 5, not in the average.
+
 The fine-tuning itself is the same for every row and is not counted. The GLUE saving of a
 setting is against the baseline's last column (same seed): the compute of the setting's
 cheapest column whose GLUE reaches the baseline's, as a fraction saved of the baseline's.
@@ -21,6 +24,7 @@ import statistics
 from pathlib import Path
 
 from deepfusion_core.glue import task as glue_task
+from deepfusion_core.glue_metrics import glue_average
 from pipeline.claims import Measured
 from pipeline.job import FinetuneJob, TrainJob
 from pipeline.plan import Plan
@@ -61,10 +65,11 @@ def glue_rows(plan: Plan) -> list[dict]:
                 name = plan.replica_name(ref, replica)
                 node = plan.nodes[name]
                 summary = Workdir(node.dir).done_record()
-                if summary is None or summary.glue_average is None:
+                if summary is None or summary.glue is None:
                     continue
                 rows.append({"setting": label, "column": column, "replica": replica,
-                             "node": name, "glue_average": summary.glue_average,
+                             "node": name,
+                             "glue_average": glue_average(summary.glue, node.data.tasks),
                              "glue": summary.glue, **_pretraining(plan, node),
                              "paper_glue": setting.paper.glue.get(column)})
     return rows
@@ -101,6 +106,11 @@ def measured(plan: Plan, rows: list[dict]) -> Measured:
     return Measured(value=value, savings=savings)
 
 
+def _trained(plan: Plan, rows: list[dict]) -> list[str]:
+    """The tasks the fine-tune nodes trained on (one profile: the same for every node)."""
+    return list(plan.nodes[rows[0]["node"]].data.tasks) if rows else []
+
+
 def _mean_sd(values: list[float]) -> str:
     mean = statistics.fmean(values)
     return f"{mean:.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
@@ -118,7 +128,9 @@ def markdown(plan: Plan, rows: list[dict], glue: Measured) -> list[str]:
     columns = list(dict.fromkeys(c for s in settings.values() for c in s.finetuned))
     lines = ["", "#### GLUE after fine-tuning (the paper's Table 3)", "",
              "GLUE average of each model fine-tuned from the given pretraining step (for "
-             "fusion, steps after fusion), mean over seeds (± sd); the paper's in brackets.", "",
+             "fusion, steps after fusion), mean over seeds (± sd); the paper's in brackets. "
+             f"The average is over the tasks fine-tuned on ({', '.join(_trained(plan, rows))}).",
+             "",
              "| setting | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label, setting in settings.items():
         cells = []
@@ -170,12 +182,15 @@ def _table5(plan: Plan, rows: list[dict], settings: dict) -> list[str]:
         return []
     first = next(iter(finals.values()))[0]
     tasks = [t for t in plan.nodes[first["node"]].eval_tasks if t in first["glue"]]
+    trained = _trained(plan, rows)
     lines = ["", "#### GLUE per task (the paper's Table 5)", "",
              "Each setting's last column, mean over seeds; the metrics are T5's, in points "
-             "(MCC: Matthews correlation)."]
+             "(MCC: Matthews correlation). A task \"not trained on\" was only scored, "
+             "zero-shot, and is not in the GLUE average."]
     for start in range(0, len(tasks), 4):
         group = tasks[start:start + 4]
         headers = [f"{glue_task(t).directory} {_METRIC_NAMES[m]}"
+                   + ("" if t in trained else " (not trained on)")
                    for t in group for m in glue_task(t).metrics]
         lines += ["", "| setting | " + " | ".join(headers) + " |",
                   "|---|" + "---|" * len(headers)]

@@ -155,8 +155,8 @@ class FinetuneJob(TrainJob):
         scores = evaluate_glue(model_answer(cfg, params, d.targets_length),
                                source_parts(d.source)[1], self.eval_tasks, d.vocab, d.lengths,
                                d.batch_size, self.eval_examples)
-        average = glue_average(scores)
-        log(f"{self.name}: GLUE average {average:.2f} ("
+        average = glue_average(scores, d.tasks)
+        log(f"{self.name}: GLUE average {average:.2f} over {', '.join(d.tasks)} ("
             + ", ".join(f"{t} " + "/".join(f"{v:.1f}" for v in m.values())
                         for t, m in scores.items())
             + f"), decoded in {time.perf_counter() - start:.1f}s")

@@ -106,7 +106,8 @@ class GlueData(_Strict):
     source: str = Field(description="glue:PATH, GLUE's TSV layout (relative to the stages file)")
     tasks: list[str] = Field(min_length=1, description="trained on as a mixture, and scored")
     eval_tasks: list[str] = Field(default=[], description=(
-        "also scored on their dev sets, not trained on (e.g. QNLI with only its dev set)"))
+        "also scored on their dev sets, not trained on (e.g. QNLI with only its dev set); "
+        "reported beside the GLUE average, not in it"))
     inputs_length: int = Field(default=128, ge=8)
     targets_length: int = Field(default=8, ge=2)
     batch_size: int = Field(default=8, gt=0)

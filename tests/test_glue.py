@@ -121,7 +121,12 @@ def test_the_glue_average_averages_each_tasks_metrics_first():
     per_task = {"mrpc": {"f1": 80.0, "accuracy": 70.0}, "cola": {"matthews_corrcoef": 30.0},
                 "stsb": {"pearson": 90.0, "spearman": 88.0}}
     # (75 + 30 + 89) / 3, not the mean of the five numbers (71.6).
-    assert glue_average(per_task) == pytest.approx(194 / 3)
+    assert glue_average(per_task, ["mrpc", "cola", "stsb"]) == pytest.approx(194 / 3)
+    # Only the tasks named (those fine-tuned on): a task only scored zero-shot is left out.
+    assert glue_average({**per_task, "qnli": {"accuracy": 0.0}},
+                        ["mrpc", "cola", "stsb"]) == pytest.approx(194 / 3)
+    with pytest.raises(ValueError, match="no scores for rte"):
+        glue_average(per_task, ["cola", "rte"])
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from deepfusion_cli.main import app
 from deepfusion_core import load_model
+from deepfusion_core.glue import task as glue_task
 from deepfusion_core.metrics import TrainRecord
 from pipeline.job import FinetuneJob, read_job, write_job
 from pipeline.plan import build_plan
@@ -91,11 +92,13 @@ def test_fine_tunes_start_where_the_paper_says(smoke):
         assert nodes[name].init.is_dir()  # kept by the parent's keep_every
 
 
-def _synthetic_store(tmp_path, glue_dir: Path, glue: dict[str, list[float]]):
+def _synthetic_store(tmp_path, glue_dir: Path, glue: dict[str, list[float]],
+                     eval_tasks: tuple[str, ...] | list[str] = ()):
     """The GLUE smoke DAG with three seeds, every node DONE with made-up figures: each
     fine-tune node's GLUE average from `glue` (by its setting@column label, per seed)."""
     raw = yaml.safe_load(STAGES.read_text())
     raw["profiles"]["smoke"]["replicas"] = 3
+    raw["profiles"]["smoke"]["finetune"]["data"]["eval_tasks"] = list(eval_tasks)
     stages = tmp_path / "stages_glue.yaml"
     stages.write_text(yaml.safe_dump(raw, sort_keys=False).replace(
         "glue:../shared/data/glue", f"glue:{glue_dir}"))
@@ -111,8 +114,14 @@ def _synthetic_store(tmp_path, glue_dir: Path, glue: dict[str, list[float]]):
             fields.update(step=node.train.steps, eval_loss=3.0, eval_loss_sum=30.0,
                           eval_accuracy=0.3)
         if node.kind == "finetune":
+            # Every trained task scores `average`; a task only scored (not trained on) 0. The
+            # stored average is over all of them, as nodes before 2026-12-07 wrote it.
             average = glue[labels[base]][int(replica or 0)]
-            fields.update(glue={"cola": {"matthews_corrcoef": average}}, glue_average=average)
+            scores = {t: dict.fromkeys(glue_task(t).metrics, float(average))
+                      for t in node.data.tasks}
+            scores |= {t: dict.fromkeys(glue_task(t).metrics, 0.0) for t in eval_tasks}
+            fields.update(glue=scores, glue_average=float(np.mean(
+                [np.mean(list(m.values())) for m in scores.values()])))
         node.dir.mkdir(parents=True)
         Workdir(node.dir).mark_done(NodeSummary(**fields))
     return plan
@@ -139,6 +148,27 @@ def test_glue_claims_are_judged_on_paired_seeds(shared_data, tmp_path):
     assert "fusion-prop: +0.00 [" in reaches["measured"]
     # Self fusion first reaches the baseline's GLUE at its column K/2 in every seed.
     assert saving["verdict"] == "holds" and saving["seeds"] == 3
+
+
+def test_a_task_only_scored_is_reported_but_not_in_the_glue_average(shared_data, tmp_path):
+    """QNLI scored zero-shot (the profile's eval_tasks) would drag every GLUE average by a
+    figure that says nothing of fine-tuning: the average is over the tasks trained on."""
+    glue = {"baseline@0": [60] * 3, "baseline@K/2": [70] * 3, "baseline@K": [75] * 3,
+            "baseline@2K": [80] * 3, "self-fusion@0": [79] * 3, "self-fusion@K/2": [80] * 3,
+            "self-fusion@K": [81] * 3, "fusion-prop@0": [79] * 3, "fusion-prop@K/2": [79] * 3,
+            "fusion-prop@K": [82] * 3, "T5-small@2K": [77] * 3}
+    plan = _synthetic_store(tmp_path, shared_data / "glue", glue, eval_tasks=["qnli"])
+    report = Path(write_report(plan)["markdown"]).read_text()
+    table3 = report.split("(the paper's Table 3)", 1)[1].split("####", 1)[0]
+    assert ("| baseline | 60.00 ± 0.00 (64.07) | 70.00 ± 0.00 (83.33) | 75.00 ± 0.00 (84.35) | "
+            "80.00 ± 0.00 (84.74) |") in table3
+    assert "over the tasks fine-tuned on (cola, sst2, mrpc, stsb, rte)" in table3
+    table5 = report.split("(the paper's Table 5)", 1)[1]
+    assert "| RTE acc. | QNLI acc. (not trained on) |" in table5
+    assert "| baseline | 80.0 | 0.0 |" in table5  # RTE trained, QNLI only scored
+    with (plan.root / "report" / "smoke" / "glue.csv").open() as f:
+        assert {float(r["glue_average"]) for r in csv.DictReader(f)} == {
+            float(v) for values in glue.values() for v in values}
 
 
 def test_a_fine_tune_node_killed_with_sigkill_resumes_bit_identically(smoke, tmp_path):
