@@ -391,6 +391,8 @@ def run_cmd(stages: StagesArg = STAGES_DEFAULT, profile: ProfileOpt = None,
 
     # Every node trains in this process, whatever the profile's processes.
     plan = _plan(stages, profile, runs_dir, writes=True, devices=lambda _: devices_here(1))
+    for warning in plan.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     from pipeline.execute import run_plan  # after the plan, as in status
     from pipeline.report import write_report
 

@@ -335,6 +335,7 @@ def build_plan(stages_path: str | Path, profile: str | None = None,
     elif finetuners:
         finetune_data = _finetune_data(profile, prof, base, data_settings["vocab"], problems)
 
+    warnings += _tied_copies(stages)
     plan = Plan(stages, stages_path, profile, Path(runs_dir) / stages.name,
                 warnings=[f"{stages_path}: {w}" for w in warnings])
     for replica in range(prof.replicas):
@@ -400,6 +401,25 @@ def _replica_spec(spec: NodeSpec, replica: int) -> NodeSpec:
     elif spec.init is not None:
         update["init"] = f"{spec.init}@{replica}"
     return spec.model_copy(update=update)
+
+
+def _tied_copies(stages: Stages) -> list[str]:
+    """Self fusions with zero cross blocks that a node trains on. Their copies get identical
+    updates (the model has no dropout), so the grown model adds no capacity until rounding
+    tells the copies apart, and its course then hangs on ulp-level arithmetic."""
+    warnings = []
+    for name, spec in stages.nodes.items():
+        if not isinstance(spec, FuseNode) or spec.cross_std > 0 or len(set(spec.fuse)) == len(spec.fuse):
+            continue
+        trained = [n for n, s in stages.nodes.items()
+                   if (isinstance(s, TrainNode) and s.init == name)
+                   or (isinstance(s, FinetuneNode) and s.finetune == name)]
+        if trained:
+            warnings.append(f"nodes.{name}: self fusion with cross_std 0, trained on by "
+                            f"{', '.join(trained)}: its copies get identical updates, so it "
+                            "adds no capacity; give it small random cross blocks (the paper's "
+                            "choice), e.g. cross_std: 1.0e-3")
+    return warnings
 
 
 def _plan_fuse(name, spec: FuseNode, plan: Plan) -> PlannedNode:

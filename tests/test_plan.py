@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from pipeline.plan import build_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +35,28 @@ def test_the_shipped_dags_keep_their_fingerprints(shared_data, tmp_path):
                for name, fp in nodes.items() if now[stages][profile].get(name) != fp]
     assert not changed, "fingerprints changed (existing runs would recompute):\n" + "\n".join(changed)
     assert now == pinned  # and no node appeared
+
+
+def test_a_self_fusion_with_zero_cross_blocks_that_is_trained_on_is_warned_about(
+        shared_data, tmp_path):
+    """Its copies would get identical updates: the grown model adds no capacity."""
+    raw = yaml.safe_load((REPO / "stages_glue.yaml").read_text())
+    del raw["nodes"]["Mself_f"]["cross_std"]  # the self fusion: warned about
+    del raw["nodes"]["Mprop_f"]["cross_std"]  # two different models: the exact ensemble, fine
+    raw["profiles"]["smoke"]["finetune"]["data"]["source"] = f"glue:{shared_data / 'glue'}"
+    stages = tmp_path / "stages_glue.yaml"
+    stages.write_text(yaml.safe_dump(raw, sort_keys=False))
+    [warning] = build_plan(stages, "smoke", tmp_path / "runs").warnings
+    assert warning == (f"{stages}: nodes.Mself_f: self fusion with cross_std 0, trained on by "
+                       "Mself, G_self_0: its copies get identical updates, so it adds no "
+                       "capacity; give it small random cross blocks (the paper's choice), e.g. "
+                       "cross_std: 1.0e-3")
+
+
+def test_no_shipped_dag_trains_on_tied_copies(shared_data, tmp_path):
+    for stages, profiles in PROFILES.items():
+        plan = build_plan(REPO / stages, profiles[0], tmp_path)
+        assert not [w for w in plan.warnings if "self fusion" in w], stages
 
 
 if __name__ == "__main__":
