@@ -405,8 +405,9 @@ def _replica_spec(spec: NodeSpec, replica: int) -> NodeSpec:
 
 def _tied_copies(stages: Stages) -> list[str]:
     """Self fusions with zero cross blocks that a node trains on. Their copies get identical
-    updates (the model has no dropout), so the grown model adds no capacity until rounding
-    tells the copies apart, and its course then hangs on ulp-level arithmetic."""
+    updates (the model has no dropout), so only rounding error tells them apart: the grown
+    model's course then hangs on ulp-level arithmetic (tests/test_fusion.py shows an adaptive
+    optimizer turning it into learning-rate-sized differences)."""
     warnings = []
     for name, spec in stages.nodes.items():
         if not isinstance(spec, FuseNode) or spec.cross_std > 0 or len(set(spec.fuse)) == len(spec.fuse):
@@ -416,9 +417,9 @@ def _tied_copies(stages: Stages) -> list[str]:
                    or (isinstance(s, FinetuneNode) and s.finetune == name)]
         if trained:
             warnings.append(f"nodes.{name}: self fusion with cross_std 0, trained on by "
-                            f"{', '.join(trained)}: its copies get identical updates, so it "
-                            "adds no capacity; give it small random cross blocks (the paper's "
-                            "choice), e.g. cross_std: 1.0e-3")
+                            f"{', '.join(trained)}: its copies get identical updates, so only "
+                            "rounding error tells them apart; give it small random cross "
+                            "blocks (the paper's choice), e.g. cross_std: 1.0e-3")
     return warnings
 
 

@@ -48,9 +48,9 @@ def test_a_self_fusion_with_zero_cross_blocks_that_is_trained_on_is_warned_about
     stages.write_text(yaml.safe_dump(raw, sort_keys=False))
     [warning] = build_plan(stages, "smoke", tmp_path / "runs").warnings
     assert warning == (f"{stages}: nodes.Mself_f: self fusion with cross_std 0, trained on by "
-                       "Mself, G_self_0: its copies get identical updates, so it adds no "
-                       "capacity; give it small random cross blocks (the paper's choice), e.g. "
-                       "cross_std: 1.0e-3")
+                       "Mself, G_self_0: its copies get identical updates, so only rounding "
+                       "error tells them apart; give it small random cross blocks (the "
+                       "paper's choice), e.g. cross_std: 1.0e-3")
 
 
 def test_no_shipped_dag_trains_on_tied_copies(shared_data, tmp_path):
