@@ -410,7 +410,8 @@ def _tied_copies(stages: Stages) -> list[str]:
     optimizer turning it into learning-rate-sized differences)."""
     warnings = []
     for name, spec in stages.nodes.items():
-        if not isinstance(spec, FuseNode) or spec.cross_std > 0 or len(set(spec.fuse)) == len(spec.fuse):
+        tied = isinstance(spec, FuseNode) and len(set(spec.fuse)) < len(spec.fuse)
+        if not tied or spec.cross_std > 0:
             continue
         trained = [n for n, s in stages.nodes.items()
                    if (isinstance(s, TrainNode) and s.init == name)

@@ -39,7 +39,7 @@ def test_the_shipped_dags_keep_their_fingerprints(shared_data, tmp_path):
 
 def test_a_self_fusion_with_zero_cross_blocks_that_is_trained_on_is_warned_about(
         shared_data, tmp_path):
-    """Its copies would get identical updates: the grown model adds no capacity."""
+    """Its copies would get identical updates: only rounding error would tell them apart."""
     raw = yaml.safe_load((REPO / "stages_glue.yaml").read_text())
     del raw["nodes"]["Mself_f"]["cross_std"]  # the self fusion: warned about
     del raw["nodes"]["Mprop_f"]["cross_std"]  # two different models: the exact ensemble, fine
